@@ -1,0 +1,345 @@
+"""The ``dispatcher`` command line (click + rich).
+
+Exit codes: 0 ok, 1 the work did not end as expected, 2 bad usage or input, 3 configuration error,
+4 a service (database, broker) is unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from dispatcher.config import AppConfig, Settings, load_config
+from dispatcher.errors import ConfigError, IntentInvalid, UnknownIntent
+
+EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG, EXIT_UNAVAILABLE = 1, 2, 3, 4
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _config() -> AppConfig:
+    try:
+        return load_config()
+    except ConfigError as exc:
+        err_console.print(f"[bold red]configuration error:[/] {exc}", markup=True, highlight=False)
+        sys.exit(EXIT_CONFIG)
+
+
+def _logging(config: AppConfig | None = None) -> None:
+    from dispatcher.logs import setup_logging
+
+    settings = config.settings if config else Settings()
+    setup_logging(settings.log_level, settings.log_format)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dispatcher")
+def main() -> None:
+    """File support tickets into HostUp and NocWorx from queued intents."""
+
+
+# -- database ------------------------------------------------------------------------------------
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Apply migrations to DISPATCHER_DATABASE_URL (or the embedded SQLite file)."""
+    from sqlalchemy.exc import OperationalError
+
+    from dispatcher.store import db as store_db
+
+    settings = Settings()
+    url = settings.resolved_database_url()
+    try:
+        store_db.upgrade(url, revision)
+    except OperationalError as exc:
+        err_console.print(f"[red]database unreachable:[/] {type(exc.orig).__name__}")
+        sys.exit(EXIT_UNAVAILABLE)
+    console.print(f"database at revision [bold]{revision}[/]")
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+def _serve_api(runtime: Any, host: str, port: int, *, in_thread: bool = False) -> Any:
+    import uvicorn
+
+    from dispatcher.intake.api import create_app
+
+    app = create_app(runtime.service, readiness=_broker_check(runtime.config))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    if in_thread:
+        thread = threading.Thread(target=server.run, name="dispatcher-api", daemon=True)
+        thread.start()
+        return server
+    server.run()
+    return server
+
+
+def _broker_check(config: AppConfig) -> Any:
+    if not config.settings.broker_url:
+        return None
+    url = config.settings.broker_url
+
+    def check() -> dict[str, str]:
+        import redis
+
+        try:
+            redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2).ping()
+            return {"broker": "ok"}
+        except Exception as exc:
+            return {"broker": f"unreachable: {type(exc).__name__}"}
+
+    return check
+
+
+@main.command()
+@click.option("--host", default=None, help="Listen address (DISPATCHER_API_HOST).")
+@click.option("--port", type=int, default=None, help="Listen port (DISPATCHER_API_PORT).")
+def api(host: str | None, port: int | None) -> None:
+    """Serve the HTTP API."""
+    from dispatcher.runtime import build_runtime
+
+    config = _config()
+    _logging(config)
+    runtime = build_runtime(config)
+    try:
+        _serve_api(runtime, host or config.settings.api_host, port or config.settings.api_port)
+    finally:
+        runtime.close()
+
+
+@main.command()
+@click.option("--concurrency", "-c", type=int, default=4, show_default=True)
+@click.option("--pool", type=click.Choice(["prefork", "threads", "solo"]), default="prefork", show_default=True)
+@click.option("--queues", "-Q", default=None, help="Comma-separated target names (default: all targets).")
+def worker(concurrency: int, pool: str, queues: str | None) -> None:
+    """Run a Celery worker (needs DISPATCHER_BROKER_URL)."""
+    from dispatcher.worker.app import queue_name
+    from dispatcher.worker.tasks import create_worker_app
+
+    config = _config()
+    if not config.settings.broker_url:
+        err_console.print("[red]DISPATCHER_BROKER_URL is not set[/]: `dispatcher run` serves the embedded default")
+        sys.exit(EXIT_CONFIG)
+    _logging(config)
+    app = create_worker_app(config)
+    names = [q.strip() for q in queues.split(",")] if queues else sorted(config.targets)
+    unknown = [n for n in names if n not in config.targets]
+    if unknown:
+        err_console.print(f"[red]unknown target(s) in --queues:[/] {', '.join(unknown)}")
+        sys.exit(EXIT_USAGE)
+    app.worker_main(["worker", "--loglevel", config.settings.log_level, "--pool", pool,
+                     "--concurrency", str(concurrency), "-Q", ",".join(queue_name(n) for n in names) or
+                     "dispatcher.default", "--hostname", f"dispatcher@{config.settings.worker_name}",
+                     "--without-gossip", "--without-mingle", "--without-heartbeat"])
+
+
+@main.command()
+def scheduler() -> None:
+    """Re-enqueue due intents and recover lost workers' intents (run one)."""
+    from dispatcher.runtime import build_runtime
+    from dispatcher.scheduler import run_scheduler
+
+    config = _config()
+    _logging(config)
+    runtime = build_runtime(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        run_scheduler(runtime.service, stop)
+    finally:
+        runtime.close()
+
+
+@main.command()
+@click.option("--host", default=None)
+@click.option("--port", type=int, default=None)
+@click.option("--threads", type=int, default=4, show_default=True, help="Embedded worker threads.")
+def run(host: str | None, port: int | None, threads: int) -> None:
+    """API + worker + scheduler in one process (embedded SQLite and in-process queue by default)."""
+    from dispatcher.runtime import build_runtime
+    from dispatcher.scheduler import start_in_thread
+
+    config = _config()
+    _logging(config)
+    if config.settings.broker_url:
+        from dispatcher.worker.tasks import create_worker_app
+        from dispatcher.worker.tasks import runtime as worker_runtime
+
+        app = create_worker_app(config)
+        rt = worker_runtime()
+        start_in_thread(rt.service)
+        _serve_api(rt, host or config.settings.api_host, port or config.settings.api_port, in_thread=True)
+        app.worker_main(["worker", "--pool", "threads", "--concurrency", str(threads), "-Q",
+                         ",".join(f"dispatcher.{n}" for n in sorted(config.targets)) or "dispatcher.default",
+                         "--without-gossip", "--without-mingle", "--without-heartbeat"])
+        return
+    runtime = build_runtime(config, threads=threads)
+    _, stop = start_in_thread(runtime.service)
+    console.print(f"dispatcher running (embedded: {config.settings.resolved_database_url()}, in-process queue)")
+    try:
+        _serve_api(runtime, host or config.settings.api_host, port or config.settings.api_port)
+    finally:
+        stop.set()
+        runtime.close()
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8099, show_default=True)
+@click.option("--config-json", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Simulator knobs as JSON (see dispatcher.simulator.SimulatorSettings).")
+def simulate(host: str, port: int, config_json: Path | None) -> None:
+    """Serve HostUp v2 (/api/v2) and NocWorx v1 (/v1) simulators, with fault knobs under /_sim."""
+    from dispatcher.simulator import SimulatorSettings, serve
+
+    knobs = json.loads(config_json.read_text()) if config_json else {}
+    settings = SimulatorSettings(**knobs)
+    console.print(f"HostUp simulator:  http://{host}:{port}/api/v2\nNocWorx simulator: http://{host}:{port}\n"
+                  f"control:           http://{host}:{port}/_sim/stats")
+    serve(settings, host, port)
+
+
+# -- producing -----------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--json", "json_input", type=click.File("r"), default=None, help="Intent as JSON ('-' for stdin).")
+@click.option("--target")
+@click.option("--subject")
+@click.option("--body")
+@click.option("--priority")
+@click.option("--topic")
+@click.option("--department")
+@click.option("--category")
+@click.option("--service-type")
+@click.option("--service-id")
+@click.option("--service-name")
+@click.option("--cc", multiple=True)
+@click.option("--critical-reason")
+@click.option("--idempotency-key")
+@click.option("--group-key")
+@click.option("--label", multiple=True, help="key=value (repeatable)")
+@click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def submit(json_input: Any, output: str, label: tuple[str, ...], cc: tuple[str, ...], **fields: Any) -> None:
+    """Submit one intent from flags or JSON; prints its id and status."""
+    from dispatcher.queue import EnqueueFailed
+    from dispatcher.runtime import build_runtime
+
+    data: Any = json.load(json_input) if json_input else {}
+    if not isinstance(data, dict):
+        err_console.print("[red]--json: an intent must be a JSON object[/]")
+        sys.exit(EXIT_USAGE)
+    service_fields = {k: fields.pop(f"service_{k}") for k in ("type", "id", "name")}
+    if any(service_fields.values()):
+        data["service"] = {k: v for k, v in service_fields.items() if v is not None}
+    data.update({k: v for k, v in fields.items() if v is not None})
+    if cc:
+        data["cc"] = list(cc)
+    if label:
+        bad = [item for item in label if "=" not in item]
+        if bad:
+            err_console.print(f"[red]--label: expected key=value, got {bad[0]!r}[/]")
+            sys.exit(EXIT_USAGE)
+        data["labels"] = dict(item.split("=", 1) for item in label)
+    config = _config()
+
+    class HandOver:
+        """Embedded mode: leave the message to the running `dispatcher run`'s scheduler."""
+
+        def enqueue(self, *_: Any, **__: Any) -> None:
+            raise EnqueueFailed("no broker: the scheduler of `dispatcher run` will pick it up")
+
+        def enqueue_many(self, *_: Any, **__: Any) -> None:
+            raise EnqueueFailed("no broker")
+
+    runtime = build_runtime(config, queue=None if config.settings.broker_url else HandOver())
+    try:
+        accepted = runtime.service.accept(data, source="cli", submitted_by=_whoami())
+    except IntentInvalid as exc:
+        err_console.print("[bold red]intent refused:[/]")
+        for problem in exc.problems:
+            err_console.print(f"  [yellow]{problem.field}[/]: {problem.reason}", highlight=False)
+        sys.exit(EXIT_USAGE)
+    finally:
+        runtime.close()
+    view = accepted.intent
+    if output == "json":
+        click.echo(json.dumps(view.as_dict()))
+    else:
+        word = "already submitted" if accepted.replay else "accepted"
+        console.print(f"{word}: [bold]{view.id}[/] ({view.status.value}) → {view.target}", highlight=False)
+
+
+def _whoami() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:
+        return "cli"
+
+
+@main.command()
+@click.option("--count", type=int, default=0, help="Extra intents per provider on top of the showcase set.")
+@click.option("--keep", is_flag=True, help="Keep the demo database and print its path.")
+def demo(count: int, keep: bool) -> None:
+    """Start the simulators and the embedded pipeline, file a mixed set of tickets, show the outcome."""
+    from dispatcher.demo import run_demo
+
+    sys.exit(run_demo(console, extra=count, keep=keep))
+
+
+@main.group()
+def intents() -> None:
+    """Look at intents."""
+
+
+@intents.command("show")
+@click.argument("intent_id")
+@click.option("--json", "as_json", is_flag=True)
+def intents_show(intent_id: str, as_json: bool) -> None:
+    """One intent with its attempts."""
+    from dispatcher.runtime import build_runtime
+
+    config = _config()
+    runtime = build_runtime(config, queue=_NoQueue())
+    try:
+        view = runtime.service.get(uuid.UUID(intent_id), with_attempts=True)
+    except (ValueError, UnknownIntent):
+        err_console.print(f"[red]no intent {intent_id}[/]")
+        sys.exit(EXIT_USAGE)
+    finally:
+        runtime.close()
+    if as_json:
+        click.echo(json.dumps(view.as_dict(with_attempts=True), indent=2))
+        return
+    from dispatcher.render import render_intent
+
+    console.print(render_intent(view, runtime.store.events(view.id)))
+
+
+class _NoQueue:
+    def enqueue(self, *_: Any, **__: Any) -> None:
+        raise RuntimeError("read-only command")
+
+    def enqueue_many(self, *_: Any, **__: Any) -> None:
+        raise RuntimeError("read-only command")
+
+
+if __name__ == "__main__":
+    main()

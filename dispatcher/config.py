@@ -1,0 +1,263 @@
+"""Settings (``DISPATCHER_*`` environment variables) and the TOML targets file.
+
+This is the only module that reads the environment. Secrets (provider API keys, intake tokens) are
+named by the file (``api_key_env`` / ``api_key_file``) and read from the environment or a file at
+start-up; they are held as :class:`pydantic.SecretStr` and print as ``<secret>``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dispatcher.backoff import RetryPolicy, parse_rate
+from dispatcher.domain import Provider
+from dispatcher.errors import ConfigError
+from dispatcher.routing import Route
+
+SCOPES = ("intents:write", "intents:read", "alerts:write", "operator")
+
+
+class Settings(BaseSettings):
+    """Process settings from ``DISPATCHER_*``; none is required (embedded default)."""
+
+    model_config = SettingsConfigDict(env_prefix="DISPATCHER_", extra="ignore")
+
+    database_url: str | None = None
+    broker_url: str | None = None
+    redis_url: str | None = None
+    config: Path | None = None
+    worker_name: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    log_level: str = "INFO"
+    log_format: Literal["auto", "json", "text"] = "auto"
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    data_dir: Path = Path(".")
+
+    @property
+    def embedded(self) -> bool:
+        """No broker configured: run on the in-process queue."""
+        return not self.broker_url
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'dispatcher.db').resolve()}"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RouteFile(_Strict):
+    department: str = Field(min_length=1)
+    category: str | None = None
+
+
+class RetryFile(_Strict):
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    base_s: float = Field(default=2.0, gt=0)
+    cap_s: float = Field(default=300.0, gt=0)
+    final_codes: list[str] = Field(default_factory=list)
+
+
+class PollFile(_Strict):
+    interval_s: float = Field(default=2.0, gt=0)
+    deadline_s: float = Field(default=900.0, gt=0)
+
+
+class TargetFile(_Strict):
+    provider: Provider
+    base_url: str = Field(pattern=r"^https?://")
+    api_key_env: str | None = None
+    api_key_file: Path | None = None
+    timeout_s: float = Field(default=10.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    ticket_url_template: str | None = None
+    rate: str = "60/minute"
+    burst: int = Field(default=5, ge=1)
+    departments_ttl_s: float = Field(default=300.0, ge=0)
+    critical_policy: Literal["downgrade", "fail"] = "downgrade"
+    retry: RetryFile = RetryFile()
+    poll: PollFile = PollFile()
+    routes: dict[str, RouteFile] = Field(default_factory=dict)
+
+    @field_validator("rate")
+    @classmethod
+    def _rate_parses(cls, value: str) -> str:
+        parse_rate(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> TargetFile:
+        if bool(self.api_key_env) == bool(self.api_key_file):
+            raise ValueError("give exactly one of api_key_env or api_key_file")
+        return self
+
+
+class TokenFile(_Strict):
+    token_env: str | None = None
+    token_file: Path | None = None
+    scopes: list[Literal["intents:write", "intents:read", "alerts:write", "operator"]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TokenFile:
+        if bool(self.token_env) == bool(self.token_file):
+            raise ValueError("give exactly one of token_env or token_file")
+        return self
+
+
+class ApiFile(_Strict):
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    tokens: dict[str, TokenFile] = Field(default_factory=dict)
+
+
+class SchedulerFile(_Strict):
+    interval_s: float = Field(default=1.0, gt=0)
+    lease_s: float = Field(default=120.0, gt=0)
+    requeue_after_s: float = Field(default=60.0, gt=0)
+    short_wait_s: float = Field(default=30.0, ge=0)
+
+
+class ConfigFile(_Strict):
+    targets: dict[str, TargetFile] = Field(default_factory=dict)
+    api: ApiFile = ApiFile()
+    scheduler: SchedulerFile = SchedulerFile()
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """One named provider account, with its secret resolved."""
+
+    name: str
+    provider: Provider
+    base_url: str
+    api_key: SecretStr
+    timeout_s: float
+    connect_timeout_s: float
+    ticket_url_template: str | None
+    rate_count: int
+    rate_period_s: float
+    burst: int
+    departments_ttl_s: float
+    critical_policy: str
+    retry: RetryPolicy
+    poll_interval_s: float
+    poll_deadline_s: float
+    routes: Mapping[str, Route]
+
+    def __repr__(self) -> str:
+        return f"TargetConfig(name={self.name!r}, provider={self.provider.value!r}, base_url={self.base_url!r})"
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    name: str
+    token: SecretStr
+    scopes: frozenset[str]
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Everything the program was configured with, validated."""
+
+    settings: Settings
+    targets: Mapping[str, TargetConfig] = field(default_factory=dict)
+    tokens: tuple[ApiToken, ...] = ()
+    max_body_bytes: int = 1_048_576
+    scheduler: SchedulerFile = field(default_factory=SchedulerFile)
+    source: Path | None = None
+
+    def target(self, name: str) -> TargetConfig:
+        return self.targets[name]
+
+
+def _read_secret(path: str, env_name: str | None, file_path: Path | None, env: Mapping[str, str]) -> SecretStr:
+    if env_name:
+        value = env.get(env_name)
+        if not value:
+            raise ConfigError(f"{path}_env: environment variable {env_name} is not set")
+        return SecretStr(value)
+    assert file_path is not None
+    try:
+        value = file_path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{path}_file: cannot read {file_path}: {exc.strerror}") from None
+    if not value:
+        raise ConfigError(f"{path}_file: {file_path} is empty")
+    return SecretStr(value)
+
+
+def _format_validation(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors(include_url=False):
+        loc = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        msg = "unknown key" if item["type"] == "extra_forbidden" else str(item["msg"])
+        msg = msg.removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_config(data: Mapping[str, Any], settings: Settings, env: Mapping[str, str] | None = None,
+                 source: Path | None = None) -> AppConfig:
+    """Validate a parsed TOML document and resolve its secrets; :class:`ConfigError` names the path."""
+    env = os.environ if env is None else env
+    try:
+        parsed = ConfigFile.model_validate(data)
+    except ValidationError as exc:
+        where = f"{source}: " if source else ""
+        raise ConfigError(where + _format_validation(exc)) from None
+    targets: dict[str, TargetConfig] = {}
+    for name, t in parsed.targets.items():
+        count, period = parse_rate(t.rate)
+        if t.retry.base_s > t.retry.cap_s:
+            raise ConfigError(f"targets.{name}.retry.base_s: must not exceed cap_s")
+        targets[name] = TargetConfig(
+            name=name, provider=t.provider, base_url=t.base_url.rstrip("/"),
+            api_key=_read_secret(f"targets.{name}.api_key", t.api_key_env, t.api_key_file, env),
+            timeout_s=t.timeout_s, connect_timeout_s=t.connect_timeout_s,
+            ticket_url_template=t.ticket_url_template, rate_count=count, rate_period_s=period, burst=t.burst,
+            departments_ttl_s=t.departments_ttl_s, critical_policy=t.critical_policy,
+            retry=RetryPolicy(max_attempts=t.retry.max_attempts, base_s=t.retry.base_s, cap_s=t.retry.cap_s,
+                              final_codes=frozenset(t.retry.final_codes)),
+            poll_interval_s=t.poll.interval_s, poll_deadline_s=t.poll.deadline_s,
+            routes={topic: Route(r.department, r.category) for topic, r in t.routes.items()},
+        )
+    tokens = tuple(
+        ApiToken(name, _read_secret(f"api.tokens.{name}.token", tok.token_env, tok.token_file, env),
+                 frozenset(tok.scopes))
+        for name, tok in parsed.api.tokens.items()
+    )
+    return AppConfig(settings=settings, targets=targets, tokens=tokens, max_body_bytes=parsed.api.max_body_bytes,
+                     scheduler=parsed.scheduler, source=source)
+
+
+def load_config(settings: Settings | None = None, env: Mapping[str, str] | None = None) -> AppConfig:
+    """Read the settings and the targets file (``DISPATCHER_CONFIG``, else ``./dispatcher.toml``)."""
+    settings = settings or Settings()
+    path = settings.config
+    if path is None and Path("dispatcher.toml").is_file():
+        path = Path("dispatcher.toml")
+    if path is None:
+        return AppConfig(settings=settings)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"DISPATCHER_CONFIG: {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, settings, env, source=path)

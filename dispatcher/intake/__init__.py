@@ -1,0 +1,1 @@
+"""Intake: the HTTP API (and later alert adapters and batch files)."""

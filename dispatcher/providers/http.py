@@ -1,0 +1,155 @@
+"""The one place that talks HTTP to a provider.
+
+:meth:`HttpTransport.send` turns every exchange into a :class:`RawResponse` value, failures
+included, so the service can record an attempt for each send and let the adapter's ``classify``
+decide what happens next. Network failures are sorted by whether the request may have reached the
+provider (``maybe_delivered``): a create that may have been delivered must be reconciled, not resent.
+
+httpx errors that reach us, and how they are read::
+
+    ConnectError, ConnectTimeout, PoolTimeout,
+    ProxyError, UnsupportedProtocol, LocalProtocolError ....... not delivered
+    ReadTimeout, WriteTimeout, ReadError, WriteError,
+    RemoteProtocolError, CloseError, DecodingError, others .... maybe delivered
+"""
+
+from __future__ import annotations
+
+import time
+from importlib import metadata
+from types import TracebackType
+
+import httpx
+
+from dispatcher.providers.base import RawResponse, RequestSpec, safe_relative_path
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("dispatcher")
+    except metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+PROJECT_URL = "https://github.com/dispatcher/dispatcher"
+#: HostUp rejects Python's default agents, so we always name ourselves
+DEFAULT_USER_AGENT = f"dispatcher/{_package_version()} (+{PROJECT_URL})"
+DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+_REDACTED = "<secret>"
+_MAX_ERROR_CHARS = 500
+
+#: failures that happen before any byte of the request can have been processed
+_NOT_DELIVERED: tuple[type[Exception], ...] = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.ProxyError,
+    httpx.UnsupportedProtocol,
+    httpx.LocalProtocolError,
+)
+
+
+def maybe_delivered(exc: Exception) -> bool:
+    """Whether the server may have acted on the request; unknown failures count as "maybe"."""
+    return not isinstance(exc, _NOT_DELIVERED)
+
+
+class HttpTransport:
+    """Sends :class:`RequestSpec` values to one target's base URL and never raises for I/O failures."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        user_agent: str = DEFAULT_USER_AGENT,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        url = httpx.URL(base_url)
+        if url.scheme not in {"http", "https"} or not url.host:
+            raise ValueError(f"base_url must be an absolute http(s) URL, got {base_url!r}")
+        if url.query or url.fragment:
+            raise ValueError("base_url must not carry a query or a fragment")
+        if not api_key or any(ch.isspace() or not ch.isprintable() for ch in api_key):
+            raise ValueError("api_key is empty or holds characters that cannot go in a header")
+        self._base = url.copy_with(raw_path=url.raw_path.rstrip(b"/") or b"")
+        self._secret = api_key
+        self._client = httpx.Client(
+            timeout=timeout,
+            follow_redirects=False,
+            transport=transport,
+            headers={
+                "Authorization": f"Bearer {api_key}",
+                "Accept": "application/json",
+                "User-Agent": user_agent,
+            },
+        )
+
+    @property
+    def base_url(self) -> str:
+        return str(self._base)
+
+    def __repr__(self) -> str:
+        return f"HttpTransport(base_url={self.base_url!r})"
+
+    def url_for(self, path: str) -> httpx.URL:
+        """The absolute URL of a relative path: base path + ``path``, always on the base host."""
+        safe_relative_path(path)
+        base_path = self._base.raw_path.decode("ascii").rstrip("/")
+        url = self._base.copy_with(raw_path=(base_path + path).encode("ascii"))
+        if (url.scheme, url.host, url.port) != (self._base.scheme, self._base.host, self._base.port):
+            raise ValueError(f"refusing to send {path!r} outside {self.base_url}")
+        return url
+
+    def send(self, spec: RequestSpec) -> RawResponse:
+        """Send one request. Raises ValueError only for a path that is not on the target's host."""
+        url = self.url_for(spec.path)
+        headers = {"Content-Type": "application/json"} if spec.json is not None else {}
+        request = self._client.build_request(
+            spec.method.upper(),
+            url,
+            params=dict(spec.params) if spec.params else None,
+            json=dict(spec.json) if spec.json is not None else None,
+            headers=headers,
+        )
+        started = time.perf_counter()
+        try:
+            response = self._client.send(request)
+        except (httpx.HTTPError, OSError) as exc:
+            return RawResponse(
+                status=None,
+                headers={},
+                body=b"",
+                duration_ms=(time.perf_counter() - started) * 1000.0,
+                network_error=self._describe(exc),
+                maybe_delivered=maybe_delivered(exc),
+            )
+        duration_ms = (time.perf_counter() - started) * 1000.0
+        return RawResponse(
+            status=response.status_code,
+            headers={name.lower(): value for name, value in response.headers.items()},
+            body=response.content,
+            duration_ms=duration_ms,
+        )
+
+    def _describe(self, exc: BaseException) -> str:
+        """``ClassName: message`` with the key scrubbed: errors end up in logs and the database."""
+        message = str(exc).replace(self._secret, _REDACTED)
+        name = type(exc).__name__
+        text = f"{name}: {message}" if message else name
+        return text[:_MAX_ERROR_CHARS]
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> HttpTransport:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

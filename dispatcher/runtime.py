@@ -1,0 +1,92 @@
+"""Wiring: build the service for this process from the configuration (one place, so every entry
+point — API, worker, scheduler, run, demo, tests — gets the same assembly)."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from dispatcher.config import AppConfig, TargetConfig
+from dispatcher.domain import Provider
+from dispatcher.providers.base import ProviderAdapter
+from dispatcher.providers.hostup import HostUpAdapter
+from dispatcher.providers.http import HttpTransport
+from dispatcher.providers.nocworx import NocWorxAdapter
+from dispatcher.queue import InProcessQueue, TaskQueue
+from dispatcher.service import Dispatcher, Limiter
+from dispatcher.store import db
+from dispatcher.store.repo import Store
+
+log = logging.getLogger(__name__)
+
+
+def transport_for(target: TargetConfig) -> HttpTransport:
+    return HttpTransport(target.base_url, target.api_key.get_secret_value(),
+                         timeout=httpx.Timeout(target.timeout_s, connect=target.connect_timeout_s))
+
+
+def adapter_for(target: TargetConfig) -> ProviderAdapter:
+    if target.provider is Provider.hostup:
+        return HostUpAdapter(ticket_url_template=target.ticket_url_template)
+    return NocWorxAdapter(ticket_url_template=target.ticket_url_template)
+
+
+@dataclass
+class Runtime:
+    """The assembled service and the things that must be closed with it."""
+
+    config: AppConfig
+    service: Dispatcher
+    store: Store
+    queue: Any
+    closers: list[Any] = field(default_factory=list)
+
+    def close(self) -> None:
+        for closer in reversed(self.closers):
+            try:
+                closer()
+            except Exception:
+                log.exception("error while shutting down")
+
+
+def build_runtime(config: AppConfig, *, queue: TaskQueue | None = None, limiter: Limiter | None = None,
+                  worker: str | None = None, migrate_sqlite: bool = True, threads: int = 4,
+                  rng: random.Random | None = None) -> Runtime:
+    """Assemble a service. Without a broker the in-process queue is used and started here."""
+    url = config.settings.resolved_database_url()
+    if migrate_sqlite and url.startswith("sqlite"):
+        db.upgrade(url)
+    engine = db.make_engine(url)
+    store = Store(engine)
+    holder: dict[str, Dispatcher] = {}
+    in_process: InProcessQueue | None = None
+    if queue is None:
+        if config.settings.broker_url:
+            from dispatcher.worker.app import CeleryQueue, make_celery
+
+            queue = CeleryQueue(make_celery(config))
+        else:
+            in_process = InProcessQueue(lambda task, intent_id: run_task(holder["service"], task, intent_id),
+                                        threads=threads)
+            queue = in_process
+    service = Dispatcher(config, store, queue, transport_for=transport_for, adapter_for=adapter_for,
+                         limiter=limiter, worker=worker or config.settings.worker_name, rng=rng)
+    holder["service"] = service
+    runtime = Runtime(config=config, service=service, store=store, queue=queue, closers=[engine.dispose])
+    if in_process is not None:
+        in_process.start()
+        runtime.closers.append(in_process.stop)
+    return runtime
+
+
+def run_task(service: Dispatcher, task: str, intent_id: Any) -> None:
+    from dispatcher.queue import DISPATCH
+
+    if task == DISPATCH:
+        service.dispatch(intent_id)
+    else:
+        service.poll(intent_id)

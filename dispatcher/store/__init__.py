@@ -1,0 +1,1 @@
+"""Postgres (or embedded SQLite) persistence: tables and the queries the service uses."""
