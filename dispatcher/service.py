@@ -25,10 +25,8 @@ from dispatcher.domain import (
     IntentInput,
     IntentView,
     Priority,
-    Provider,
     Status,
     body_with_marker,
-    find_marker,
     parse_intent,
     provider_problems,
 )
@@ -428,34 +426,35 @@ class Dispatcher:
 
     def _match_marker(self, intent: IntentView, target: TargetConfig, adapter: ProviderAdapter,
                       spec: RequestSpec, outcome: Outcome, marker: str) -> bool | None:
-        if target.provider is Provider.nocworx and spec.path.startswith("/v1/task"):
-            for task in outcome.items:
-                if not isinstance(task, Mapping):
-                    continue
-                given = task.get("input")
-                comment = given.get("comment") if isinstance(given, Mapping) else None
-                if find_marker(str(comment or "")) != marker:
-                    continue
-                uuid_ = str(task.get("uuid") or "")
-                self.store.add_event(intent.id, "reconciled", f"found the task {uuid_} of the lost create: "
-                                     "polling it instead of sending again", at=self.clock())
-                self._start_polling(intent, target, Outcome(Verdict.poll, task_uuid=uuid_,
-                                                            poll_path=f"/v1/task/{uuid_}"), reconciled=True)
-                return True
-            return False
+        """Whether a list answer (or the details it points to) holds our ticket or task."""
+        hit = adapter.match_marker(outcome, marker)
+        if hit is not None and self._adopt(intent, target, hit):
+            return True
         for ticket_id in adapter.candidate_ids(outcome, intent.subject):
             detail, _ = self._exchange(intent, target, adapter.ticket_request(ticket_id), number=None)
+            if detail.verdict is Verdict.final:
+                continue
             if detail.verdict is not Verdict.done:
-                if detail.verdict is Verdict.final:
-                    continue
                 self._retry_later(intent, target, detail, counted=True, maybe_created=True)
                 return None
-            if detail.ticket and _detail_has_marker(detail, marker):
-                self.store.add_event(intent.id, "reconciled", f"found ticket {detail.ticket.provider_id} made by "
-                                     "the lost create: recording it instead of sending again", at=self.clock())
-                self._succeed(intent, target, detail.ticket)
+            hit = adapter.match_marker(detail, marker)
+            if hit is not None and self._adopt(intent, target, hit):
                 return True
         return False
+
+    def _adopt(self, intent: IntentView, target: TargetConfig, hit: Outcome) -> bool:
+        """Take over what a lost create made: its ticket, or its still-running task."""
+        if hit.verdict is Verdict.done and hit.ticket is not None:
+            self.store.add_event(intent.id, "reconciled", f"found ticket {hit.ticket.provider_id} made by the lost "
+                                 "create: recording it instead of sending again", at=self.clock())
+            self._succeed(intent, target, hit.ticket)
+            return True
+        if hit.verdict in (Verdict.poll, Verdict.done) and hit.poll_path:
+            self.store.add_event(intent.id, "reconciled", f"found the task {hit.task_uuid} of the lost create: "
+                                 "polling it instead of sending again", at=self.clock())
+            self._start_polling(intent, target, hit, reconciled=True)
+            return True
+        return False  # the lost create's task failed: it made nothing, so send again
 
     # -- poll ----------------------------------------------------------------------------------
 
@@ -644,15 +643,6 @@ def _error_text(outcome: Outcome) -> str:
     if outcome.request_id:
         text += f" [requestId {outcome.request_id}]"
     return text
-
-
-def _detail_has_marker(outcome: Outcome, marker: str) -> bool:
-    data = outcome.data if isinstance(outcome.data, Mapping) else {}
-    texts: list[str] = [str(data.get("body") or "")]
-    for message in data.get("messages") or []:
-        if isinstance(message, Mapping):
-            texts.append(str(message.get("body") or ""))
-    return any(find_marker(t) == marker for t in texts)
 
 
 __all__ = ["Accepted", "Dispatcher", "Limiter", "NoLimiter"]

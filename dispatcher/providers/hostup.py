@@ -9,7 +9,7 @@ as is can never succeed, so it is final and the caller's policy decides (reply, 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -65,7 +65,7 @@ def _snippet(body: bytes) -> str:
     return " ".join(body.decode("utf-8", errors="replace").split())[:_SNIPPET_CHARS]
 
 
-def _header(headers: Any, name: str) -> str | None:
+def _header(headers: Mapping[str, str], name: str) -> str | None:
     for key, value in headers.items():
         if key.lower() == name:
             return str(value)

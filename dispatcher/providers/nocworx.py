@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -72,7 +72,7 @@ def _snippet(body: bytes) -> str:
     return " ".join(body.decode("utf-8", errors="replace").split())[:_SNIPPET_CHARS]
 
 
-def _header(headers: Any, name: str) -> str | None:
+def _header(headers: Mapping[str, str], name: str) -> str | None:
     for key, value in headers.items():
         if key.lower() == name:
             return str(value)
@@ -89,7 +89,7 @@ def _id_text(value: Any) -> str | None:
         return None
     if isinstance(value, int):
         return str(value)
-    return value.strip() or None if isinstance(value, str) else None
+    return (value.strip() or None) if isinstance(value, str) else None
 
 
 def _same_subject(left: Any, right: str) -> bool:

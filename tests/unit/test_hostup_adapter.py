@@ -182,7 +182,7 @@ def test_ticket_detail_is_done_and_reports_closed() -> None:
 
 
 def test_ticket_list_is_done_with_items_and_candidates_by_subject() -> None:
-    listing = {"data": [
+    listing: dict[str, Any] = {"data": [
         {"id": "tkt_3", "subject": "Disk full on app-01"},
         {"id": "tkt_2", "subject": "Something else"},
         {"id": "tkt_1", "subject": "  disk FULL on app-01 "},

@@ -1,0 +1,123 @@
+"""Shared fixtures: real Postgres and Redis (never mocked, never skipped), the simulators.
+
+Each test gets a fresh Postgres database cloned from a migrated template (fast: no migration per
+test), and each xdist worker its own Redis database number. A service that cannot be reached fails
+the run with the command that starts it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+
+from dispatcher.config import AppConfig, Settings, parse_config
+from dispatcher.simulator import RunningSimulator, SimulatorSettings, start_in_thread
+from dispatcher.store import db
+
+PG_ADMIN = os.environ.get("DISPATCHER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_BASE = os.environ.get("DISPATCHER_TEST_REDIS", "redis://127.0.0.1:6379")
+
+HOSTUP_KEY = "test-hostup-key-0123456789abcdef"
+NOCWORX_KEY = "test-nocworx-key-0123456789abcdef"
+TOKENS = {"WRITE_TOKEN": "tok-write-0123456789abcdef", "READ_TOKEN": "tok-read-0123456789abcdef",
+          "OPERATOR_TOKEN": "tok-operator-0123456789abcdef", "ALERTS_TOKEN": "tok-alerts-0123456789abcdef"}
+SECRETS = (HOSTUP_KEY, NOCWORX_KEY, *TOKENS.values())
+
+
+def _worker_index(request: pytest.FixtureRequest) -> int:
+    worker = getattr(request.config, "workerinput", {}).get("workerid", "gw0")
+    return int(worker.removeprefix("gw") or 0)
+
+
+def _pg_url(dbname: str) -> str:
+    base = PG_ADMIN.rsplit("/", 1)[0]
+    return f"{base}/{dbname}"
+
+
+@pytest.fixture(scope="session")
+def pg_template(request: pytest.FixtureRequest) -> Iterator[str]:
+    try:
+        conn = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN} ({exc}). Start it: "
+                    "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start", pytrace=False)
+    name = f"dispatcher_tpl_{_worker_index(request)}"
+    with conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    db.upgrade(_pg_url(name))
+    yield name
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def database_url(pg_template: str) -> Iterator[str]:
+    """A fresh, migrated Postgres database for this test."""
+    name = f"dispatcher_t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
+    yield _pg_url(name)
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A flushed Redis database of this xdist worker's own."""
+    url = f"{REDIS_BASE}/{1 + _worker_index(request) % 15}"
+    client = redis.Redis.from_url(url, socket_connect_timeout=3)
+    try:
+        client.flushdb()
+    except redis.ConnectionError as exc:
+        pytest.fail(f"Redis is not reachable at {REDIS_BASE} ({exc}). Start it: redis-server --daemonize yes "
+                    "--bind 127.0.0.1 --port 6379 --save '' --appendonly no", pytrace=False)
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def simulator() -> Iterator[RunningSimulator]:
+    with start_in_thread(SimulatorSettings(hostup_key=HOSTUP_KEY, nocworx_key=NOCWORX_KEY, task_delay_s=0.2,
+                                           seed=1)) as sim:
+        yield sim
+
+
+def target_table(sim: RunningSimulator, **overrides: Any) -> dict[str, Any]:
+    """The targets section for the two simulated providers, with fast retries and polls."""
+    retry = {"max_attempts": 6, "base_s": 0.2, "cap_s": 2.0}
+    targets: dict[str, Any] = {
+        "hostup": {"provider": "hostup", "base_url": sim.hostup_url, "api_key_env": "HOSTUP_KEY", "retry": retry},
+        "nocworx": {"provider": "nocworx", "base_url": sim.nocworx_url, "api_key_env": "NOCWORX_KEY",
+                    "retry": retry, "poll": {"interval_s": 0.2, "deadline_s": 20}},
+    }
+    for name, changes in overrides.items():
+        targets[name] = {**targets[name], **changes}
+    return targets
+
+
+def tokens_table() -> dict[str, Any]:
+    return {"tokens": {
+        "writer": {"token_env": "WRITE_TOKEN", "scopes": ["intents:write"]},
+        "reader": {"token_env": "READ_TOKEN", "scopes": ["intents:read"]},
+        "operator": {"token_env": "OPERATOR_TOKEN", "scopes": ["operator"]},
+        "alerts": {"token_env": "ALERTS_TOKEN", "scopes": ["alerts:write"]},
+    }}
+
+
+def secrets_env() -> dict[str, str]:
+    return {"HOSTUP_KEY": HOSTUP_KEY, "NOCWORX_KEY": NOCWORX_KEY, **TOKENS}
+
+
+def make_config(sim: RunningSimulator, *, database_url: str | None = None, broker_url: str | None = None,
+                scheduler: dict[str, Any] | None = None, **target_overrides: Any) -> AppConfig:
+    data = {"targets": target_table(sim, **target_overrides), "api": tokens_table(),
+            "scheduler": scheduler or {"interval_s": 0.2, "requeue_after_s": 5}}
+    return parse_config(data, Settings(database_url=database_url, broker_url=broker_url), env=secrets_env())

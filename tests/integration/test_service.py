@@ -1,0 +1,294 @@
+"""The service on real Postgres against the simulators over HTTP, with the in-process queue.
+
+These cover the paths a real worker takes (claim, send, record, classify, poll, reconcile,
+recover) without process management; tests/acceptance runs the same with real processes.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from dispatcher.config import AppConfig
+from dispatcher.domain import IntentView, Status
+from dispatcher.errors import IntentInvalid
+from dispatcher.queue import EnqueueFailed
+from dispatcher.runtime import Runtime, build_runtime
+from dispatcher.simulator import RunningSimulator
+from dispatcher.store.tables import AttemptRow, IntentRow
+from tests.conftest import make_config
+
+
+@pytest.fixture
+def make_runtime(database_url: str) -> Iterator[Any]:
+    runtimes: list[Runtime] = []
+
+    def factory(config: AppConfig, **kwargs: Any) -> Runtime:
+        rt = build_runtime(config, **kwargs)
+        runtimes.append(rt)
+        return rt
+
+    yield factory
+    for rt in runtimes:
+        rt.close()
+
+
+def wait_terminal(rt: Runtime, ids: list[uuid.UUID], timeout: float = 30.0,
+                  tick_scheduler: bool = True) -> list[IntentView]:
+    deadline = time.monotonic() + timeout
+    while True:
+        if tick_scheduler:
+            rt.service.schedule_once()
+        views = [rt.service.get(i) for i in ids]
+        if all(v.terminal for v in views) or time.monotonic() > deadline:
+            return views
+        time.sleep(0.1)
+
+
+def submit(rt: Runtime, **fields: Any) -> uuid.UUID:
+    data = {"subject": f"Test {uuid.uuid4().hex[:8]}", "body": "Body text.", **fields}
+    return rt.service.accept(data).intent.id
+
+
+def test_intents_to_both_providers_get_one_ticket_each_in_the_right_department(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    rt = make_runtime(make_config(simulator, database_url=database_url))
+    cases = {
+        submit(rt, target="hostup", topic="vps"): ("vps", None),
+        submit(rt, target="hostup", topic="ip"): ("vps", None),
+        submit(rt, target="hostup", topic="network"): ("vps", None),
+        submit(rt, target="hostup", topic="dns"): ("domain-names", None),
+        submit(rt, target="nocworx", topic="dns"): ("support", "dns"),
+        submit(rt, target="nocworx", topic="migration"): ("migrations", None),
+    }
+    views = wait_terminal(rt, list(cases))
+    per_marker = simulator.stats()["tickets_by_marker"]
+    for view in views:
+        department, category = cases[view.id]
+        assert view.status is Status.succeeded, view
+        assert (view.resolved_department, view.resolved_category) == (department, category)
+        assert view.ticket is not None
+        assert per_marker[str(view.id)] == 1
+        if view.target == "hostup":
+            assert view.ticket.provider_id.startswith("tkt_") and view.ticket.number.isdigit()
+        else:
+            assert view.ticket.provider_id.isdigit() and "-" in (view.ticket.number or "")
+
+
+def test_every_exchange_is_recorded_with_what_was_sent_and_what_came_back(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    rt = make_runtime(make_config(simulator, database_url=database_url))
+    intent_id = submit(rt, target="nocworx", topic="email", cc=["ops@example.com"])
+    [view] = wait_terminal(rt, [intent_id])
+    full = rt.service.get(intent_id, with_attempts=True)
+    ops = [a.op for a in full.attempt_log]
+    assert view.status is Status.succeeded
+    assert ops[0] == "create" and "poll" in ops
+    create = full.attempt_log[0]
+    assert create.status_code == 202 and create.task_uuid and create.duration_ms is not None
+    assert create.request and create.request["json"]["recipients"] == ["ops@example.com"]
+    assert f"dispatcher-ref: {intent_id}" in create.request["json"]["comment"]
+    assert all(a.finished_at is not None and a.worker for a in full.attempt_log)
+
+
+def test_a_replayed_idempotency_key_returns_the_same_intent_and_makes_no_second_ticket(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    rt = make_runtime(make_config(simulator, database_url=database_url))
+    data = {"target": "hostup", "topic": "vps", "subject": "Once", "body": "b", "idempotency_key": "k-1"}
+    first = rt.service.accept(data)
+    second = rt.service.accept(data)
+    assert not first.replay and second.replay and first.intent.id == second.intent.id
+    wait_terminal(rt, [first.intent.id])
+    assert rt.service.accept(data).intent.status is Status.succeeded
+    assert simulator.stats()["tickets_by_marker"] == {str(first.intent.id): 1}
+
+
+def test_a_message_delivered_again_after_success_does_nothing(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    rt = make_runtime(make_config(simulator, database_url=database_url))
+    intent_id = submit(rt, target="hostup", topic="vps")
+    wait_terminal(rt, [intent_id])
+    before = len(simulator.requests())
+    for _ in range(3):
+        rt.service.dispatch(intent_id)
+        rt.service.poll(intent_id)
+    assert len(simulator.requests()) == before
+    assert simulator.stats()["tickets_by_marker"][str(intent_id)] == 1
+
+
+@pytest.mark.parametrize("target", ["hostup", "nocworx"])
+def test_a_create_whose_answer_was_dropped_is_reconciled_not_sent_again(
+        target: str, database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    simulator.configure(drop_after_create_rate=1.0)
+    rt = make_runtime(make_config(simulator, database_url=database_url), threads=1)
+    intent_id = submit(rt, target=target, topic="dns")
+    deadline = time.monotonic() + 10
+    while simulator.stats()["tickets_by_marker"].get(str(intent_id), 0) == 0 and not \
+            simulator.stats()["nocworx"]["tasks"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    simulator.configure(drop_after_create_rate=0.0)
+    [view] = wait_terminal(rt, [intent_id])
+    assert view.status is Status.succeeded
+    assert simulator.stats()["tickets_by_marker"][str(intent_id)] == 1
+    kinds = [e.kind for e in rt.store.events(intent_id)]
+    assert "reconcile" in kinds and "reconciled" in kinds
+
+
+def test_an_intent_whose_worker_died_mid_send_is_recovered_and_reconciled(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    config = make_config(simulator, database_url=database_url,
+                         scheduler={"interval_s": 0.2, "requeue_after_s": 5, "lease_s": 1})
+
+    class Swallow:
+        def enqueue(self, *_: Any, **__: Any) -> None:
+            return None
+
+        def enqueue_many(self, *_: Any, **__: Any) -> None:
+            return None
+
+    rt = make_runtime(config, queue=Swallow())
+    intent_id = submit(rt, target="hostup", topic="vps")
+    # a worker claims it, records its create attempt, and dies before the answer is recorded
+    now = rt.service.clock()
+    claimed = rt.store.claim(intent_id, statuses=[Status.queued], to=Status.sending, now=now, lease_s=0.5,
+                             worker="dead-worker")
+    assert claimed is not None
+    rt.store.begin_attempt(intent_id, number=1, op="create", method="POST", path="/support/tickets",
+                           request=None, worker="dead-worker", now=now)
+    time.sleep(0.6)
+    live = make_runtime(config)
+    [view] = wait_terminal(live, [intent_id])
+    assert view.status is Status.succeeded
+    assert simulator.stats()["tickets_by_marker"][str(intent_id)] == 1
+    events = [e.message for e in live.store.events(intent_id)]
+    assert any("worker lost" in m for m in events)
+    with live.store.session() as s:
+        lost = s.scalar(select(AttemptRow).where(AttemptRow.worker == "dead-worker"))
+        assert lost is not None and lost.verdict == "unknown" and lost.error_code == "worker_lost"
+
+
+def test_an_intent_the_broker_did_not_take_is_enqueued_by_the_scheduler(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    config = make_config(simulator, database_url=database_url)
+
+    class Down:
+        def enqueue(self, *_: Any, **__: Any) -> None:
+            raise EnqueueFailed("redis down")
+
+        def enqueue_many(self, *_: Any, **__: Any) -> None:
+            raise EnqueueFailed("redis down")
+
+    producer = make_runtime(config, queue=Down())
+    intent_id = submit(producer, target="hostup", topic="vps")
+    assert producer.service.get(intent_id).status is Status.queued
+    worker = make_runtime(config)
+    assert worker.service.schedule_once()["enqueued"] == 1
+    [view] = wait_terminal(worker, [intent_id], tick_scheduler=False)
+    assert view.status is Status.succeeded
+
+
+def test_a_refused_key_pauses_the_target_and_its_intents_wait_until_resumed(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    simulator.configure(hostup_key="rotated-key")
+    rt = make_runtime(make_config(simulator, database_url=database_url))
+    first, second = submit(rt, target="hostup", topic="vps"), submit(rt, target="hostup", topic="dns")
+    deadline = time.monotonic() + 10
+    while "hostup" not in rt.store.paused_targets():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    views = [rt.service.get(i) for i in (first, second)]
+    assert all(v.status in (Status.waiting, Status.queued) for v in views)
+    assert simulator.stats()["hostup"]["401"] <= 2  # the target stopped; intents did not each burn attempts
+    simulator.configure(hostup_key="test-hostup-key-0123456789abcdef")
+    rt.service.resume_target("hostup", actor="test")
+    rt.store.update_intent(first, next_attempt_at=rt.service.clock())
+    rt.store.update_intent(second, next_attempt_at=rt.service.clock())
+    views = wait_terminal(rt, [first, second])
+    assert [v.status for v in views] == [Status.succeeded, Status.succeeded]
+
+
+def test_a_task_that_stays_pending_fails_at_the_deadline_and_is_never_resubmitted(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    simulator.configure(task_stuck_rate=1.0)
+    rt = make_runtime(make_config(simulator, database_url=database_url,
+                                  nocworx={"poll": {"interval_s": 0.2, "deadline_s": 1.5}}))
+    intent_id = submit(rt, target="nocworx", topic="dns")
+    [view] = wait_terminal(rt, [intent_id], timeout=15)
+    assert view.status is Status.failed and view.last_error_code == "task_timeout"
+    assert "still pending" in (view.last_error_message or "")
+    creates = [r for r in simulator.requests("nocworx") if r["method"] == "POST"]
+    assert len(creates) == 1
+
+
+def test_a_failed_task_ends_failed_with_the_providers_message(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    simulator.configure(task_failure_rate=1.0)
+    rt = make_runtime(make_config(simulator, database_url=database_url))
+    [view] = wait_terminal(rt, [submit(rt, target="nocworx", topic="ssl")])
+    assert view.status is Status.failed and view.last_error_code == "task_failure"
+    assert view.last_error_message and "NocWorx task" in view.last_error_message
+
+
+def test_a_second_critical_ticket_within_the_hour_is_downgraded_to_urgent(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    rt = make_runtime(make_config(simulator, database_url=database_url), threads=1)
+    ids = [submit(rt, target="hostup", topic="hosting", priority="critical", critical_reason="all down")
+           for _ in range(2)]
+    views = wait_terminal(rt, ids)
+    assert [v.status for v in views] == [Status.succeeded, Status.succeeded]
+    assert sorted(v.priority.value for v in views) == ["critical", "urgent"]
+    assert simulator.stats()["hostup"]["critical_refused"] == 1
+
+
+def test_a_topic_whose_department_the_provider_does_not_list_fails_naming_topic_and_slugs(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    simulator.configure(hostup_departments=[{"slug": "vps", "displayName": "VPS", "description": None,
+                                             "email": None},
+                                            {"slug": "billing", "displayName": "Billing",
+                                             "description": "<p>Invoices</p>", "email": None}])
+    rt = make_runtime(make_config(simulator, database_url=database_url))
+    [view] = wait_terminal(rt, [submit(rt, target="hostup", topic="dns")])
+    assert view.status is Status.failed and view.last_error_code == "department_not_found"
+    assert "topic 'dns'" in (view.last_error_message or "")
+    assert "billing, vps" in (view.last_error_message or "")
+    assert simulator.stats()["hostup"]["tickets"] == 0
+
+
+def test_retries_give_up_after_the_configured_attempts_with_the_last_error_kept(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    simulator.configure(error_rate=1.0)
+    rt = make_runtime(make_config(simulator, database_url=database_url,
+                                  hostup={"retry": {"max_attempts": 3, "base_s": 0.05, "cap_s": 0.1}}))
+    [view] = wait_terminal(rt, [submit(rt, target="hostup", topic="vps")])
+    assert view.status is Status.failed and view.attempts == 3
+    assert "gave up after 3 attempt(s)" in (view.last_error_message or "")
+
+
+def test_bad_input_stores_nothing(database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    rt = make_runtime(make_config(simulator, database_url=database_url))
+    with pytest.raises(IntentInvalid):
+        rt.service.accept({"target": "hostup", "subject": "", "body": "x"})
+    with rt.store.session() as s:
+        assert s.scalar(select(func.count()).select_from(IntentRow)) == 0
+
+
+def test_an_early_message_is_put_back_until_its_time(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    rt = make_runtime(make_config(simulator, database_url=database_url), threads=1)
+    intent_id = submit(rt, target="hostup", topic="vps")
+    wait_terminal(rt, [intent_id])
+    other = submit(rt, target="hostup", topic="vps")
+    wait_terminal(rt, [other])
+    # a waiting intent whose time has not come is not sent by an early message
+    rt.store.update_intent(other, status="waiting", next_attempt_at=rt.service.clock() + timedelta(seconds=60))
+    before = len(simulator.requests())
+    rt.service.dispatch(other)
+    assert len(simulator.requests()) == before
