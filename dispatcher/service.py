@@ -627,8 +627,11 @@ class Dispatcher:
 
     # -- operator ------------------------------------------------------------------------------
 
-    def resume_target(self, name: str, *, actor: str) -> None:
-        self.store.set_target_state(name, now=self.clock(), paused=False, paused_reason=None, paused_by=actor)
+    def resume_target(self, name: str, *, actor: str) -> int:
+        """Un-pause a target; its waiting intents become due at once. Returns how many."""
+        now = self.clock()
+        self.store.set_target_state(name, now=now, paused=False, paused_reason=None, paused_by=actor)
+        return self.store.make_due(target=name, now=now)
 
     def pause_target(self, name: str, *, actor: str, reason: str) -> None:
         now = self.clock()

@@ -47,7 +47,7 @@ def pg_template(request: pytest.FixtureRequest) -> Iterator[str]:
     except psycopg.OperationalError as exc:
         pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN} ({exc}). Start it: "
                     "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start", pytrace=False)
-    name = f"dispatcher_tpl_{_worker_index(request)}"
+    name = f"dispatcher_tpl_{os.getpid()}"
     with conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -68,16 +68,34 @@ def database_url(pg_template: str) -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture
-def redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A flushed Redis database of this xdist worker's own."""
-    url = f"{REDIS_BASE}/{1 + _worker_index(request) % 15}"
-    client = redis.Redis.from_url(url, socket_connect_timeout=3)
+@pytest.fixture(scope="session")
+def redis_db() -> Iterator[int]:
+    """A Redis database number leased to this test process alone (db 0 holds the leases), so that
+    concurrent test runs on one machine never flush or consume each other's queues."""
+    admin = redis.Redis.from_url(f"{REDIS_BASE}/0", socket_connect_timeout=3)
     try:
-        client.flushdb()
+        admin.ping()
     except redis.ConnectionError as exc:
         pytest.fail(f"Redis is not reachable at {REDIS_BASE} ({exc}). Start it: redis-server --daemonize yes "
                     "--bind 127.0.0.1 --port 6379 --save '' --appendonly no", pytrace=False)
+    token = f"{os.getpid()}-{uuid.uuid4().hex}"
+    for number in range(1, 16):
+        if admin.set(f"dispatcher-test-lease:{number}", token, nx=True, ex=3600):
+            break
+    else:
+        pytest.fail("all 15 Redis test databases are leased by other test runs", pytrace=False)
+    yield number
+    if admin.get(f"dispatcher-test-lease:{number}") == token.encode():
+        admin.delete(f"dispatcher-test-lease:{number}")
+    admin.close()
+
+
+@pytest.fixture
+def redis_url(redis_db: int) -> Iterator[str]:
+    """A flushed Redis database of this test process's own."""
+    url = f"{REDIS_BASE}/{redis_db}"
+    client = redis.Redis.from_url(url, socket_connect_timeout=3)
+    client.flushdb()
     yield url
     client.flushdb()
     client.close()

@@ -342,6 +342,14 @@ class Store:
                 setattr(row, key, value)
             row.updated_at = now
 
+    def make_due(self, *, target: str, now: datetime) -> int:
+        """Every waiting or polling intent of the target is due now (and its message presumed lost)."""
+        waiting = [Status.queued.value, Status.waiting.value, Status.polling.value]
+        with self.session() as s, s.begin():
+            result = s.execute(update(IntentRow).where(IntentRow.target == target, IntentRow.status.in_(waiting))
+                               .values(next_attempt_at=now, enqueued_at=None, updated_at=now))
+            return int(result.rowcount)  # type: ignore[attr-defined]
+
     def queue_stats(self, now: datetime) -> dict[str, dict[str, Any]]:
         """Per target: intents not yet terminal and the oldest one's age."""
         open_statuses = [s.value for s in (Status.queued, Status.waiting, Status.sending, Status.polling)]
