@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 the work did not end as expected, 2 bad usage or input, 3 co
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -22,7 +23,8 @@ from dispatcher.errors import ConfigError, IntentInvalid, UnknownIntent
 
 EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG, EXIT_UNAVAILABLE = 1, 2, 3, 4
 
-console = Console()
+# a pipe or a log file gets a readable width instead of rich's 80 columns
+console = Console() if sys.stdout.isatty() or "COLUMNS" in os.environ else Console(width=200)
 err_console = Console(stderr=True)
 
 

@@ -81,19 +81,20 @@ def render_intent(view: IntentView, events: Sequence[EventView]) -> Group:
 def outcome_table(views: Sequence[IntentView], expected: dict[str, str] | None = None, *,
                   title: str = "outcomes") -> Table:
     table = Table(title=title, title_justify="left")
-    table.add_column("target")
-    table.add_column("subject", max_width=40, overflow="ellipsis", no_wrap=True)
-    table.add_column("status")
-    table.add_column("department")
-    table.add_column("ticket")
+    table.add_column("target", no_wrap=True)
+    table.add_column("subject", max_width=34, overflow="ellipsis", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("department", no_wrap=True)
+    table.add_column("ticket", no_wrap=True)
     table.add_column("attempts", justify="right")
-    table.add_column("note", max_width=60)
+    table.add_column("note", min_width=30, max_width=70)
     if expected is not None:
         table.add_column("as expected")
     for v in views:
         ticket = ""
         if v.ticket:
-            ticket = v.ticket.provider_id + (f" / {v.ticket.number}" if v.ticket.number else "")
+            ticket = (f"{v.ticket.number} ({v.ticket.provider_id})" if v.ticket.number
+                      else v.ticket.provider_id)
         dept = (v.resolved_department or v.department or "-") + (f"/{v.resolved_category}"
                                                                 if v.resolved_category else "")
         note = f"{v.last_error_code}: {v.last_error_message}" if v.status is Status.failed else ""
