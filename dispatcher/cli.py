@@ -264,10 +264,10 @@ def submit(json_input: Any, output: str, label: tuple[str, ...], cc: tuple[str, 
         """Embedded mode: leave the message to the running `dispatcher run`'s scheduler."""
 
         def enqueue(self, *_: Any, **__: Any) -> None:
-            raise EnqueueFailed("no broker: the scheduler of `dispatcher run` will pick it up")
+            raise EnqueueFailed("no broker: the scheduler of `dispatcher run` picks it up", expected=True)
 
         def enqueue_many(self, *_: Any, **__: Any) -> None:
-            raise EnqueueFailed("no broker")
+            raise EnqueueFailed("no broker: the scheduler of `dispatcher run` picks it up", expected=True)
 
     runtime = build_runtime(config, queue=None if config.settings.broker_url else HandOver())
     try:
@@ -322,6 +322,7 @@ def intents_show(intent_id: str, as_json: bool) -> None:
     runtime = build_runtime(config, queue=_NoQueue())
     try:
         view = runtime.service.get(uuid.UUID(intent_id), with_attempts=True)
+        events = runtime.store.events(view.id)
     except (ValueError, UnknownIntent):
         err_console.print(f"[red]no intent {intent_id}[/]")
         sys.exit(EXIT_USAGE)
@@ -332,7 +333,7 @@ def intents_show(intent_id: str, as_json: bool) -> None:
         return
     from dispatcher.render import render_intent
 
-    console.print(render_intent(view, runtime.store.events(view.id)))
+    console.print(render_intent(view, events))
 
 
 class _NoQueue:

@@ -24,6 +24,10 @@ POLL = "poll"
 class EnqueueFailed(Exception):
     """The broker did not take the message; the scheduler will re-enqueue from the database."""
 
+    def __init__(self, message: str, *, expected: bool = False) -> None:
+        super().__init__(message)
+        self.expected = expected  # a deliberate hand-over to the scheduler, not a fault
+
 
 class TaskQueue(Protocol):
     def enqueue(self, task: str, intent_id: uuid.UUID, *, target: str, countdown: float = 0.0) -> None:

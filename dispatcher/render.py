@@ -54,8 +54,9 @@ def render_intent(view: IntentView, events: Sequence[EventView]) -> Group:
     timeline.add_column("time (UTC)", no_wrap=True)
     timeline.add_column("what", no_wrap=True)
     timeline.add_column("detail")
-    rows: list[tuple[datetime, str, Text]] = [(e.at, e.kind, Text(e.message + (f" [{e.actor}]" if e.actor else "")))
-                                                    for e in events]
+    rows: list[tuple[datetime, str, Text]] = [
+        (e.at, e.kind, Text(e.message + (f" [{e.actor}]" if e.actor and e.actor not in e.message else "")))
+        for e in events]
     for a in view.attempt_log:
         status = str(a.status_code) if a.status_code is not None else "no answer"
         detail = Text(f"{a.method} {a.path} → {status}")
@@ -71,8 +72,8 @@ def render_intent(view: IntentView, events: Sequence[EventView]) -> Group:
             detail.append(f"  Retry-After {a.retry_after_s:g}s", style="yellow")
         if a.error_code or a.error_message:
             detail.append(f"\n{a.error_code or ''}: {a.error_message or ''}", style="red")
-        label = f"attempt {a.number}" if a.number else a.op
-        rows.append((a.started_at, f"{label} ({a.op})", Text() + detail))
+        label = f"attempt {a.number} ({a.op})" if a.number else a.op
+        rows.append((a.started_at, label, Text() + detail))
     for at, what, detail in sorted(rows, key=lambda r: r[0]):
         timeline.add_row(_t(at), what, detail)
     return Group(Panel(head, title="intent", title_align="left"), timeline)

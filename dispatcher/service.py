@@ -237,7 +237,8 @@ class Dispatcher:
             else:
                 self.queue.enqueue_many(task, items)
         except EnqueueFailed as exc:
-            log.warning("broker did not take %d message(s) (%s); the scheduler will re-enqueue", len(items), exc)
+            log.log(logging.INFO if exc.expected else logging.WARNING,
+                    "broker did not take %d message(s) (%s); the scheduler will re-enqueue", len(items), exc)
             try:
                 self.store.mark_not_enqueued([i for i, _ in items])
             except Exception:  # the scheduler also re-enqueues after requeue_after_s
