@@ -189,3 +189,18 @@ class TargetStateRow(Base):
     last_error_message: Mapped[str | None] = mapped_column(Text)
     last_error_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class OperatorActionRow(Base):
+    """Every operator action (retry, edit, cancel, repoll, pause, resume): who, when, what."""
+
+    __tablename__ = "operator_actions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(32))
+    intent_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("intents.id", ondelete="SET NULL"), index=True)
+    target: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[dict[str, Any] | None] = mapped_column(Json)
