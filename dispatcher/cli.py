@@ -344,5 +344,9 @@ class _NoQueue:
         raise RuntimeError("read-only command")
 
 
+
+# operator commands live in their own module and register onto the groups above
+from dispatcher import cli_check, cli_ops  # noqa: E402,F401
+
 if __name__ == "__main__":
     main()

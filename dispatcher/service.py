@@ -244,6 +244,10 @@ class Dispatcher:
             except Exception:  # the scheduler also re-enqueues after requeue_after_s
                 log.exception("could not mark intents for re-enqueue")
 
+    def publish(self, task: str, items: list[tuple[uuid.UUID, str]], countdown: float = 0.0) -> None:
+        """Hand intents to the queue after their state is committed (operator tools use this)."""
+        self._publish(task, items, countdown)
+
     # -- reads ---------------------------------------------------------------------------------
 
     def get(self, intent_id: uuid.UUID, *, with_attempts: bool = False) -> IntentView:

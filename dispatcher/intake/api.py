@@ -99,6 +99,10 @@ def create_app(service: Dispatcher, *, readiness: Any = None) -> FastAPI:
             raise Problem(400, "Malformed JSON", f"the body is not valid JSON: {exc}",
                           errors=[FieldProblem("body", "not valid JSON")]) from None
 
+    from dispatcher.intake.operator_api import add_operator_routes
+
+    add_operator_routes(app, service, authorize, read_json)
+
     @app.post("/v1/intents", status_code=202, tags=["intents"],
               summary="Submit one ticket intent (202 accepted, 200 for an idempotent replay)",
               openapi_extra={"requestBody": {"required": True,
