@@ -296,6 +296,38 @@ def _whoami() -> str:
         return "cli"
 
 
+@main.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "ndjson"]), default=None,
+              help="Override the format the extension implies (.csv; .jsonl/.ndjson).")
+@click.option("--target", default=None, help="Target for rows that leave it empty.")
+@click.option("--topic", default=None, help="Topic for rows that leave it empty.")
+@click.option("--priority", default=None, help="Priority for rows that leave it empty.")
+@click.option("--skip-invalid", is_flag=True, help="Import the valid rows even when some are invalid.")
+@click.option("--dry-run", is_flag=True,
+              help="Validate and show per target the tickets, departments and time it would take; store nothing.")
+@click.option("--wait", is_flag=True, help="After enqueueing, wait until every intent has ended (needs workers).")
+@click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True, help="--wait at most this long.")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write one line per row (row, result, intent id, status, ticket id, error); .csv or .jsonl.")
+def import_file(file: Path, fmt: str | None, target: str | None, topic: str | None, priority: str | None,
+                skip_invalid: bool, dry_run: bool, wait: bool, timeout_s: float, report: Path | None) -> None:
+    """Import a CSV or JSON Lines file of intents, one per row.
+
+    Columns are the intent fields, with service.type / service.id / service.name, labels.<key>, and cc
+    separated by ';'. Every row is validated first: a file with an invalid row stores nothing (unless
+    --skip-invalid). Each row's idempotency key is a hash of the file's name and the row (or its
+    idempotency_key column), so importing the same file again sends nothing twice.
+    """
+    from dispatcher.importer import ImportOptions, run_import
+
+    config = _config()
+    options = ImportOptions(path=file, fmt=fmt, target=target, topic=topic, priority=priority,
+                            skip_invalid=skip_invalid, dry_run=dry_run, wait=wait, timeout_s=timeout_s,
+                            report=report, submitted_by=_whoami())
+    sys.exit(run_import(config, options, console, err_console))
+
+
 @main.command()
 @click.option("--count", type=int, default=0, help="Extra intents per provider on top of the showcase set.")
 @click.option("--keep", is_flag=True, help="Keep the demo database and print its path.")
@@ -349,4 +381,7 @@ class _NoQueue:
 from dispatcher import cli_check, cli_ops  # noqa: E402,F401
 
 if __name__ == "__main__":
-    main()
+    # run the imported module's group: the operator commands registered onto it, not onto __main__
+    from dispatcher.cli import main as registered_main
+
+    registered_main()
