@@ -133,10 +133,18 @@ class SchedulerFile(_Strict):
     short_wait_s: float = Field(default=30.0, ge=0)
 
 
+class RetentionFile(_Strict):
+    """How long attempts (with their request/response excerpts) are kept; intents and tickets stay."""
+
+    attempts_days: float = Field(default=30.0, gt=0)
+    prune_interval_s: float = Field(default=3600.0, gt=0)
+
+
 class ConfigFile(_Strict):
     targets: dict[str, TargetFile] = Field(default_factory=dict)
     api: ApiFile = ApiFile()
     scheduler: SchedulerFile = SchedulerFile()
+    retention: RetentionFile = RetentionFile()
 
 
 @dataclass(frozen=True)
@@ -180,6 +188,7 @@ class AppConfig:
     tokens: tuple[ApiToken, ...] = ()
     max_body_bytes: int = 1_048_576
     scheduler: SchedulerFile = field(default_factory=SchedulerFile)
+    retention: RetentionFile = field(default_factory=RetentionFile)
     source: Path | None = None
 
     def target(self, name: str) -> TargetConfig:
@@ -243,7 +252,7 @@ def parse_config(data: Mapping[str, Any], settings: Settings, env: Mapping[str, 
         for name, tok in parsed.api.tokens.items()
     )
     return AppConfig(settings=settings, targets=targets, tokens=tokens, max_body_bytes=parsed.api.max_body_bytes,
-                     scheduler=parsed.scheduler, source=source)
+                     scheduler=parsed.scheduler, retention=parsed.retention, source=source)
 
 
 def load_config(settings: Settings | None = None, env: Mapping[str, str] | None = None) -> AppConfig:

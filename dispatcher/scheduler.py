@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
@@ -31,6 +32,8 @@ def try_lock(conn: Connection | None) -> bool:
 def run_scheduler(service: Dispatcher, stop: threading.Event, *, interval_s: float | None = None) -> None:
     """Loop until ``stop`` is set. Survives database outages (logs and tries again)."""
     interval = interval_s or service.config.scheduler.interval_s
+    retention = service.config.retention
+    next_prune = time.monotonic()
     leader = False
     conn: Connection | None = None
     while not stop.is_set():
@@ -46,6 +49,14 @@ def run_scheduler(service: Dispatcher, stop: threading.Event, *, interval_s: flo
                 counts = service.schedule_once()
                 if any(counts.values()):
                     log.info("scheduler pass", extra=counts)
+                if time.monotonic() >= next_prune:
+                    from dispatcher.operations import Operations
+
+                    pruned = Operations(service).prune(older_than_days=retention.attempts_days)
+                    next_prune = time.monotonic() + retention.prune_interval_s
+                    if pruned:
+                        log.info("pruned old attempts", extra={"attempts": pruned,
+                                                               "older_than_days": retention.attempts_days})
         except DBAPIError as exc:
             log.warning("scheduler: database unreachable (%s); trying again", type(exc.orig).__name__)
             if conn is not None:

@@ -176,3 +176,26 @@ def test_check_reports_each_part_and_never_prints_a_secret(setup: tuple[Runtime,
     report = json.loads(result.stdout)
     assert [c["ok"] for c in report["checks"]] == [True, True, True, True, False]
     assert not any(secret in out for out in cli.outputs for secret in SECRETS)
+
+
+def test_retention_prunes_old_attempts_and_keeps_intents_tickets_and_events(setup: tuple[Runtime, Cli]) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import func, select, update
+
+    from dispatcher.store.tables import AttemptRow, EventRow
+
+    rt, _ = setup
+    old, new = (rt.service.accept({"target": "hostup", "topic": "vps", "subject": s, "body": "b"}).intent.id
+                for s in ("old", "new"))
+    settle(rt, [old, new])
+    with rt.store.session() as s, s.begin():
+        s.execute(update(AttemptRow).where(AttemptRow.intent_id == old)
+                  .values(started_at=rt.service.clock() - timedelta(days=40)))
+    pruned = Operations(rt.service).prune(older_than_days=30)
+    assert pruned == 2  # the department list read and the create of the old intent
+    assert rt.service.get(old, with_attempts=True).attempt_log == ()
+    assert len(rt.service.get(new, with_attempts=True).attempt_log) == 1
+    assert rt.service.get(old).ticket is not None
+    with rt.store.session() as s:
+        assert s.scalar(select(func.count()).select_from(EventRow).where(EventRow.intent_id == old)) >= 2
