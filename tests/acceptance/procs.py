@@ -108,10 +108,8 @@ class Proc:
         if self.alive:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
         # children (e.g. prefork pool processes) may outlive a parent that exited or was killed
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
@@ -204,6 +202,10 @@ class SimulatorProcess:
 
     def healthy(self) -> bool:
         return bool(self._call("GET", "/health").get("ok"))
+
+    def settings(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/config")
+        return result
 
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", "/stats")

@@ -1,0 +1,1 @@
+"""Acceptance tests: the real `dispatcher` processes over real HTTP, Postgres and Redis."""
