@@ -189,13 +189,16 @@ def test_retention_prunes_old_attempts_and_keeps_intents_tickets_and_events(setu
     old, new = (rt.service.accept({"target": "hostup", "topic": "vps", "subject": s, "body": "b"}).intent.id
                 for s in ("old", "new"))
     settle(rt, [old, new])
+    # which of the two read the department list depends on thread timing: count, don't assume
+    old_attempts = len(rt.service.get(old, with_attempts=True).attempt_log)
+    new_attempts = len(rt.service.get(new, with_attempts=True).attempt_log)
     with rt.store.session() as s, s.begin():
         s.execute(update(AttemptRow).where(AttemptRow.intent_id == old)
                   .values(started_at=rt.service.clock() - timedelta(days=40)))
     pruned = Operations(rt.service).prune(older_than_days=30)
-    assert pruned == 2  # the department list read and the create of the old intent
+    assert pruned == old_attempts >= 1
     assert rt.service.get(old, with_attempts=True).attempt_log == ()
-    assert len(rt.service.get(new, with_attempts=True).attempt_log) == 1
+    assert len(rt.service.get(new, with_attempts=True).attempt_log) == new_attempts >= 1
     assert rt.service.get(old).ticket is not None
     with rt.store.session() as s:
         assert s.scalar(select(func.count()).select_from(EventRow).where(EventRow.intent_id == old)) >= 2
