@@ -40,7 +40,17 @@ def _logging(config: AppConfig | None = None) -> None:
     from dispatcher.logs import setup_logging
 
     settings = config.settings if config else Settings()
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.log_level, settings.log_format, config.secret_values() if config else ())
+
+
+def _serve_metrics(runtime: Any) -> None:
+    """With DISPATCHER_METRICS_PORT: this process's counters and the database gauges over HTTP."""
+    settings = runtime.config.settings
+    if settings.metrics_port:
+        from dispatcher import metrics
+
+        collector = metrics.DatabaseCollector(runtime.store, runtime.config.targets)
+        metrics.serve(settings.metrics_port, settings.metrics_host, metrics.registry(collector))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -82,7 +92,9 @@ def _serve_api(runtime: Any, host: str, port: int, *, in_thread: bool = False) -
     from dispatcher.intake.api import create_app
 
     app = create_app(runtime.service, readiness=_broker_check(runtime.config))
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    # log_config=None: uvicorn's loggers go through ours (JSON lines), not a text handler of its own
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                           log_config=None))
     if in_thread:
         thread = threading.Thread(target=server.run, name="dispatcher-api", daemon=True)
         thread.start()
@@ -138,13 +150,20 @@ def worker(concurrency: int, pool: str, queues: str | None) -> None:
         err_console.print("[red]DISPATCHER_BROKER_URL is not set[/]: `dispatcher run` serves the embedded default")
         sys.exit(EXIT_CONFIG)
     _logging(config)
+    if config.settings.metrics_port and pool == "prefork":
+        from dispatcher.metrics import use_multiprocess
+
+        use_multiprocess(config.settings.metrics_dir)  # children count in files; this process serves the sum
     app = create_worker_app(config)
     names = [q.strip() for q in queues.split(",")] if queues else sorted(config.targets)
     unknown = [n for n in names if n not in config.targets]
     if unknown:
         err_console.print(f"[red]unknown target(s) in --queues:[/] {', '.join(unknown)}")
         sys.exit(EXIT_USAGE)
-    app.worker_main(["worker", "--loglevel", config.settings.log_level, "--pool", pool,
+    from dispatcher.logs import wants_json
+
+    quiet = ["--quiet"] if wants_json(config.settings.log_format) else []  # Celery's banner is not a JSON line
+    app.worker_main([*quiet, "worker", "--loglevel", config.settings.log_level, "--pool", pool,
                      "--concurrency", str(concurrency), "-Q", ",".join(queue_name(n) for n in names) or
                      "dispatcher.default", "--hostname", f"dispatcher@{config.settings.worker_name}",
                      "--without-gossip", "--without-mingle", "--without-heartbeat"])
@@ -159,6 +178,7 @@ def scheduler() -> None:
     config = _config()
     _logging(config)
     runtime = build_runtime(config)
+    _serve_metrics(runtime)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -191,13 +211,18 @@ def run(host: str | None, port: int | None, threads: int) -> None:
                          ",".join(f"dispatcher.{n}" for n in sorted(config.targets)) or "dispatcher.default",
                          "--without-gossip", "--without-mingle", "--without-heartbeat"])
         return
+    from dispatcher.health import WORKER, Heartbeat
+
     runtime = build_runtime(config, threads=threads)
     _, stop = start_in_thread(runtime.service)
+    beat = Heartbeat(runtime.store.beat, runtime.store.forget_heartbeat, WORKER, config.settings.worker_name,
+                     info={"pool": "in-process", "concurrency": threads}).start()
     console.print(f"dispatcher running (embedded: {config.settings.resolved_database_url()}, in-process queue)")
     try:
         _serve_api(runtime, host or config.settings.api_host, port or config.settings.api_port)
     finally:
         stop.set()
+        beat.stop()
         runtime.close()
 
 
@@ -237,7 +262,10 @@ def simulate(host: str, port: int, config_json: Path | None) -> None:
 @click.option("--group-key")
 @click.option("--label", multiple=True, help="key=value (repeatable)")
 @click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
-def submit(json_input: Any, output: str, label: tuple[str, ...], cc: tuple[str, ...], **fields: Any) -> None:
+@click.option("--dry-run", is_flag=True, help="Show what would be sent (create / reply / nothing), to which target and "
+              "department, with the rendered text; store and send nothing.")
+def submit(json_input: Any, output: str, label: tuple[str, ...], cc: tuple[str, ...], dry_run: bool,
+           **fields: Any) -> None:
     """Submit one intent from flags or JSON; prints its id and status."""
     from dispatcher.queue import EnqueueFailed
     from dispatcher.runtime import build_runtime
@@ -271,6 +299,9 @@ def submit(json_input: Any, output: str, label: tuple[str, ...], cc: tuple[str, 
 
     runtime = build_runtime(config, queue=None if config.settings.broker_url else HandOver())
     try:
+        if dry_run:
+            _print_plan(runtime.service.preview(data), output)
+            return
         accepted = runtime.service.accept(data, source="cli", submitted_by=_whoami())
     except IntentInvalid as exc:
         err_console.print("[bold red]intent refused:[/]")
@@ -285,6 +316,25 @@ def submit(json_input: Any, output: str, label: tuple[str, ...], cc: tuple[str, 
     else:
         word = "already submitted" if accepted.replay else "accepted"
         console.print(f"{word}: [bold]{view.id}[/] ({view.status.value}) → {view.target}", highlight=False)
+
+
+def _print_plan(plan: dict[str, Any], output: str) -> None:
+    """A dry run's answer: the action, where it would go, and exactly what would be sent."""
+    if output == "json":
+        click.echo(json.dumps(plan, indent=2))
+        return
+    where = f"{plan['target']} ({plan['provider']})"
+    if plan.get("department"):
+        where += f", department {plan['department']}" + (f" / {plan['category']}" if plan.get("category") else "")
+    console.print(f"[bold]dry run[/]: would [bold]{plan['action']}[/] on {where} — {plan['reason']}",
+                  highlight=False)
+    if plan.get("department_error"):
+        console.print(f"[red]would fail:[/] {plan['department_error']}", highlight=False)
+    for request in plan.get("requests", []):
+        console.print(f"\n[cyan]{request['method']} {request['path']}[/]", highlight=False)
+        if request.get("json") is not None:
+            click.echo(json.dumps(request["json"], indent=2, ensure_ascii=False))
+    console.print("\n(nothing was stored or sent)", style="dim")
 
 
 def _whoami() -> str:

@@ -27,9 +27,17 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dispatcher.backoff import RetryPolicy, parse_rate
-from dispatcher.domain import Provider
+from dispatcher.domain import Priority, Provider
 from dispatcher.errors import ConfigError
-from dispatcher.routing import Route
+from dispatcher.intake.alerts import (
+    DEFAULT_BODY_TEMPLATE,
+    DEFAULT_SEVERITY_PRIORITY,
+    DEFAULT_SUBJECT_TEMPLATE,
+    AlertRoute,
+    AlertsConfig,
+    check_template,
+)
+from dispatcher.routing import Route, check_topic, merged_routes
 
 SCOPES = ("intents:write", "intents:read", "alerts:write", "operator")
 
@@ -49,6 +57,11 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     data_dir: Path = Path(".")
+    #: the scheduler and each worker serve Prometheus metrics on this port when set (the API: /metrics)
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    #: a prefork worker's children count in files here (a fresh temporary directory when unset)
+    metrics_dir: Path | None = None
 
     @property
     def embedded(self) -> bool:
@@ -88,7 +101,9 @@ class TargetFile(_Strict):
     timeout_s: float = Field(default=10.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     ticket_url_template: str | None = None
+    #: the provider's limit, one budget shared by every worker (dispatcher.ratelimit): "N/second|minute|hour|day"
     rate: str = "60/minute"
+    #: requests that may go back to back after a quiet spell; 1 never overruns a fixed-window provider
     burst: int = Field(default=5, ge=1)
     departments_ttl_s: float = Field(default=300.0, ge=0)
     critical_policy: Literal["downgrade", "fail"] = "downgrade"
@@ -123,6 +138,10 @@ class TokenFile(_Strict):
 
 class ApiFile(_Strict):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    #: most intents one ``POST /v1/intents/batch`` may carry (more: 413)
+    max_batch: int = Field(default=1000, ge=1, le=100_000)
+    #: the batch endpoint's body limit; a batch is many intents, so it gets more than one intent's
+    max_batch_body_bytes: int = Field(default=16 * 1_048_576, ge=1024)
     tokens: dict[str, TokenFile] = Field(default_factory=dict)
 
 
@@ -131,6 +150,43 @@ class SchedulerFile(_Strict):
     lease_s: float = Field(default=120.0, gt=0)
     requeue_after_s: float = Field(default=60.0, gt=0)
     short_wait_s: float = Field(default=30.0, ge=0)
+
+
+class AlertRouteFile(_Strict):
+    """One ``[[alerts.routes]]`` entry; matchers apply to the group's common labels."""
+
+    match: dict[str, str] = Field(default_factory=dict)
+    match_re: dict[str, str] = Field(default_factory=dict)
+    receiver: str | None = None
+    target: str
+    topic: str | None = None
+    priority: Priority | None = None
+    priority_from_severity: dict[str, Priority] | None = None
+    service_label: str | None = None
+    service_type: str | None = None
+    department: str | None = None
+    category: str | None = None
+
+
+class AlertsFile(_Strict):
+    routes: list[AlertRouteFile] = Field(default_factory=list)
+    default_target: str | None = None
+    default_topic: str | None = None
+    reopen_window_s: float = Field(default=3600.0, ge=0)
+    flap_window_s: float = Field(default=60.0, ge=0)
+    close_on_resolve: bool = True
+    subject_template: str = Field(default=DEFAULT_SUBJECT_TEMPLATE, min_length=1)
+    body_template: str = Field(default=DEFAULT_BODY_TEMPLATE, min_length=1)
+    severity_label: str = Field(default="severity", min_length=1)
+    priority_from_severity: dict[str, Priority] = Field(default_factory=lambda: dict(DEFAULT_SEVERITY_PRIORITY))
+    grafana_secret_env: str | None = None
+    grafana_secret_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_secret_source(self) -> AlertsFile:
+        if self.grafana_secret_env and self.grafana_secret_file:
+            raise ValueError("give at most one of grafana_secret_env or grafana_secret_file")
+        return self
 
 
 class RetentionFile(_Strict):
@@ -142,6 +198,7 @@ class RetentionFile(_Strict):
 
 class ConfigFile(_Strict):
     targets: dict[str, TargetFile] = Field(default_factory=dict)
+    alerts: AlertsFile = AlertsFile()
     api: ApiFile = ApiFile()
     scheduler: SchedulerFile = SchedulerFile()
     retention: RetentionFile = RetentionFile()
@@ -187,12 +244,21 @@ class AppConfig:
     targets: Mapping[str, TargetConfig] = field(default_factory=dict)
     tokens: tuple[ApiToken, ...] = ()
     max_body_bytes: int = 1_048_576
+    max_batch: int = 1000
+    max_batch_body_bytes: int = 16 * 1_048_576
     scheduler: SchedulerFile = field(default_factory=SchedulerFile)
     retention: RetentionFile = field(default_factory=RetentionFile)
     source: Path | None = None
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
     def target(self, name: str) -> TargetConfig:
         return self.targets[name]
+
+    def secret_values(self) -> list[str]:
+        """Every secret this configuration holds, for the log formatter to mask (defence in depth)."""
+        found = [t.api_key.get_secret_value() for t in self.targets.values()]
+        found += [t.token.get_secret_value() for t in self.tokens]
+        return [s for s in found if s]
 
 
 def _read_secret(path: str, env_name: str | None, file_path: Path | None, env: Mapping[str, str]) -> SecretStr:
@@ -252,7 +318,62 @@ def parse_config(data: Mapping[str, Any], settings: Settings, env: Mapping[str, 
         for name, tok in parsed.api.tokens.items()
     )
     return AppConfig(settings=settings, targets=targets, tokens=tokens, max_body_bytes=parsed.api.max_body_bytes,
-                     scheduler=parsed.scheduler, retention=parsed.retention, source=source)
+                     max_batch=parsed.api.max_batch, max_batch_body_bytes=parsed.api.max_batch_body_bytes,
+                     scheduler=parsed.scheduler, retention=parsed.retention, source=source,
+                     alerts=_alerts_config(parsed.alerts, targets, env))
+
+
+def _alerts_config(alerts: AlertsFile, targets: Mapping[str, TargetConfig], env: Mapping[str, str]) -> AlertsConfig:
+    """Check the ``[alerts]`` section against the targets (names, topics), regexes and templates."""
+    import re
+
+    def target_of(path: str, name: str) -> TargetConfig:
+        if name not in targets:
+            raise ConfigError(f"{path}: unknown target '{name}'; configured: {', '.join(sorted(targets)) or '(none)'}")
+        return targets[name]
+
+    def check_route_topic(path: str, target: TargetConfig, topic: str | None) -> None:
+        problem = check_topic(target.provider, topic, merged_routes(target.provider, target.routes))
+        if topic is not None and problem is not None:
+            raise ConfigError(f"{path}: {problem.reason}")
+
+    routes: list[AlertRoute] = []
+    for index, r in enumerate(alerts.routes):
+        path = f"alerts.routes[{index}]"
+        target = target_of(f"{path}.target", r.target)
+        if r.department is None:
+            check_route_topic(f"{path}.topic", target, r.topic)
+        patterns: dict[str, re.Pattern[str]] = {}
+        for label, pattern in r.match_re.items():
+            try:
+                patterns[label] = re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"{path}.match_re.{label}: not a regular expression: {exc}") from None
+        if r.service_type is not None and r.service_label is None:
+            raise ConfigError(f"{path}.service_type: needs service_label (the label whose value is the service id)")
+        routes.append(AlertRoute(
+            target=r.target, match=dict(r.match), match_re=patterns, receiver=r.receiver, topic=r.topic,
+            priority=r.priority, priority_from_severity=r.priority_from_severity, service_label=r.service_label,
+            service_type=r.service_type, department=r.department, category=r.category))
+    if alerts.default_target is not None:
+        check_route_topic("alerts.default_topic", target_of("alerts.default_target", alerts.default_target),
+                          alerts.default_topic)
+    elif alerts.default_topic is not None:
+        raise ConfigError("alerts.default_topic: needs alerts.default_target")
+    for name in ("subject_template", "body_template"):
+        problem = check_template(getattr(alerts, name))
+        if problem:
+            raise ConfigError(f"alerts.{name}: {problem}")
+    secret = None
+    if alerts.grafana_secret_env or alerts.grafana_secret_file:
+        secret = _read_secret("alerts.grafana_secret", alerts.grafana_secret_env, alerts.grafana_secret_file, env)
+    return AlertsConfig(
+        routes=tuple(routes), default_target=alerts.default_target, default_topic=alerts.default_topic,
+        reopen_window_s=alerts.reopen_window_s, flap_window_s=alerts.flap_window_s,
+        close_on_resolve=alerts.close_on_resolve, subject_template=alerts.subject_template,
+        body_template=alerts.body_template, severity_label=alerts.severity_label,
+        priority_from_severity={k.strip().lower(): v for k, v in alerts.priority_from_severity.items()},
+        grafana_secret=secret)
 
 
 def load_config(settings: Settings | None = None, env: Mapping[str, str] | None = None) -> AppConfig:

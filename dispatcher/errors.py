@@ -5,6 +5,7 @@ Each exception's docstring is its default message::
     DispatcherError
     ├── ConfigError            the configuration file or environment is invalid (names the key path)
     ├── IntentInvalid          an intent was refused at intake (names each field and the reason)
+    ├── BatchFileError         a batch file cannot be read as a whole (format, encoding, header)
     ├── UnknownIntent          no intent has that id
     ├── StoreUnavailable       the database cannot be reached; nothing was written
     ├── RoutingError           no provider department can be chosen for an intent (final)
@@ -49,6 +50,10 @@ class IntentInvalid(DispatcherError):
     def __init__(self, problems: Sequence[FieldProblem]) -> None:
         self.problems = list(problems)
         super().__init__("; ".join(str(p) for p in self.problems) or None)
+
+
+class BatchFileError(DispatcherError):
+    """The batch file cannot be read; nothing was stored."""
 
 
 class UnknownIntent(DispatcherError):

@@ -17,6 +17,7 @@ from dispatcher.providers.hostup import HostUpAdapter
 from dispatcher.providers.http import HttpTransport
 from dispatcher.providers.nocworx import NocWorxAdapter
 from dispatcher.queue import InProcessQueue, TaskQueue
+from dispatcher.ratelimit import limiter_for
 from dispatcher.service import Dispatcher, Limiter
 from dispatcher.store import db
 from dispatcher.store.repo import Store
@@ -73,10 +74,15 @@ def build_runtime(config: AppConfig, *, queue: TaskQueue | None = None, limiter:
             in_process = InProcessQueue(lambda task, intent_id: run_task(holder["service"], task, intent_id),
                                         threads=threads)
             queue = in_process
+    closers: list[Any] = [engine.dispose]
+    if limiter is None:  # the shared budget: Redis when there is one, else this process's memory
+        shared = limiter_for(config)
+        closers.append(shared.close)
+        limiter = shared
     service = Dispatcher(config, store, queue, transport_for=transport_for, adapter_for=adapter_for,
                          limiter=limiter, worker=worker or config.settings.worker_name, rng=rng)
     holder["service"] = service
-    runtime = Runtime(config=config, service=service, store=store, queue=queue, closers=[engine.dispose])
+    runtime = Runtime(config=config, service=service, store=store, queue=queue, closers=closers)
     if in_process is not None:
         in_process.start()
         runtime.closers.append(in_process.stop)

@@ -2,18 +2,27 @@
 
 Run one. A Postgres advisory lock keeps a second one on standby; even without it, every step is a
 conditional update with ``SKIP LOCKED``, so two at once do no harm.
+
+The loop writes the scheduler's heartbeat (``leader`` tells whether it holds the lock) every
+:data:`~dispatcher.health.HEARTBEAT_INTERVAL_S`, from the loop itself so that a stuck loop goes
+stale, and the leader deletes heartbeats of processes gone for a day.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import threading
 import time
+from datetime import timedelta
 
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
+from dispatcher import metrics
+from dispatcher.health import FORGET_AFTER_S, HEARTBEAT_INTERVAL_S, SCHEDULER
 from dispatcher.service import Dispatcher
 
 log = logging.getLogger(__name__)
@@ -29,6 +38,13 @@ def try_lock(conn: Connection | None) -> bool:
     return got
 
 
+def _beat(service: Dispatcher, name: str, leader: bool) -> None:
+    now = service.clock()
+    service.store.beat(SCHEDULER, name, now, {"leader": leader, "host": socket.gethostname(), "pid": os.getpid()})
+    if leader:
+        service.store.prune_heartbeats(now - timedelta(seconds=FORGET_AFTER_S))
+
+
 def run_scheduler(service: Dispatcher, stop: threading.Event, *, interval_s: float | None = None) -> None:
     """Loop until ``stop`` is set. Survives database outages (logs and tries again)."""
     interval = interval_s or service.config.scheduler.interval_s
@@ -36,6 +52,7 @@ def run_scheduler(service: Dispatcher, stop: threading.Event, *, interval_s: flo
     next_prune = time.monotonic()
     leader = False
     conn: Connection | None = None
+    name, last_beat = service.config.settings.worker_name, -HEARTBEAT_INTERVAL_S
     while not stop.is_set():
         try:
             if conn is None and service.store.engine.dialect.name == "postgresql":
@@ -47,6 +64,7 @@ def run_scheduler(service: Dispatcher, stop: threading.Event, *, interval_s: flo
                     log.info("scheduler: this process holds the scheduler lock")
             if leader:
                 counts = service.schedule_once()
+                metrics.scheduled(counts)
                 if any(counts.values()):
                     log.info("scheduler pass", extra=counts)
                 if time.monotonic() >= next_prune:
@@ -57,6 +75,9 @@ def run_scheduler(service: Dispatcher, stop: threading.Event, *, interval_s: flo
                     if pruned:
                         log.info("pruned old attempts", extra={"attempts": pruned,
                                                                "older_than_days": retention.attempts_days})
+            if time.monotonic() - last_beat >= HEARTBEAT_INTERVAL_S:
+                _beat(service, name, leader)
+                last_beat = time.monotonic()
         except DBAPIError as exc:
             log.warning("scheduler: database unreachable (%s); trying again", type(exc.orig).__name__)
             if conn is not None:
@@ -68,6 +89,8 @@ def run_scheduler(service: Dispatcher, stop: threading.Event, *, interval_s: flo
         stop.wait(interval)
     if conn is not None:
         conn.close()
+    with contextlib.suppress(Exception):  # a clean stop is not a dead scheduler
+        service.store.forget_heartbeat(SCHEDULER, name)
 
 
 def start_in_thread(service: Dispatcher, *,

@@ -109,12 +109,15 @@ def simulator() -> Iterator[RunningSimulator]:
 
 
 def target_table(sim: RunningSimulator, **overrides: Any) -> dict[str, Any]:
-    """The targets section for the two simulated providers, with fast retries and polls."""
+    """The targets section for the two simulated providers, with fast retries and polls, and a rate
+    budget (100/s) generous enough that only the tests about rate limits are shaped by it."""
     retry = {"max_attempts": 6, "base_s": 0.2, "cap_s": 2.0}
+    budget = {"rate": "100/second", "burst": 20}
     targets: dict[str, Any] = {
-        "hostup": {"provider": "hostup", "base_url": sim.hostup_url, "api_key_env": "HOSTUP_KEY", "retry": retry},
+        "hostup": {"provider": "hostup", "base_url": sim.hostup_url, "api_key_env": "HOSTUP_KEY", "retry": retry,
+                   **budget},
         "nocworx": {"provider": "nocworx", "base_url": sim.nocworx_url, "api_key_env": "NOCWORX_KEY",
-                    "retry": retry, "poll": {"interval_s": 0.2, "deadline_s": 20}},
+                    "retry": retry, "poll": {"interval_s": 0.2, "deadline_s": 20}, **budget},
     }
     for name, changes in overrides.items():
         targets[name] = {**targets[name], **changes}

@@ -6,6 +6,7 @@ Intake answers 2xx only after the intent is committed; 503 when the database can
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -14,12 +15,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+from dispatcher import metrics
 from dispatcher.domain import IntentInput, Status
 from dispatcher.errors import FieldProblem, IntentInvalid, UnknownIntent
-from dispatcher.service import Dispatcher
+from dispatcher.service import Dispatcher, ItemResult, ItemStatus
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +86,12 @@ def create_app(service: Dispatcher, *, readiness: Any = None) -> FastAPI:
         raise Problem(401, "Unauthorized", "the bearer token is not valid",
                       headers={"WWW-Authenticate": 'Bearer realm="dispatcher", error="invalid_token"'})
 
-    async def read_json(request: Request) -> Any:
-        limit = config.max_body_bytes
+    async def read_json(request: Request, limit: int | None = None) -> Any:
+        limit = limit or config.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise Problem(413, "Payload too large", f"the body is larger than {limit} bytes")
-        body = b""
+        body = bytearray()  # not bytes +=: that copies the whole body per chunk (quadratic on a big batch)
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
@@ -103,20 +106,57 @@ def create_app(service: Dispatcher, *, readiness: Any = None) -> FastAPI:
 
     add_operator_routes(app, service, authorize, read_json)
 
+    from dispatcher.intake.alert_routes import install_alert_routes, install_problem_handlers
+
+    install_problem_handlers(app)
+    defs.update(install_alert_routes(app, service, authorize))
+
     @app.post("/v1/intents", status_code=202, tags=["intents"],
               summary="Submit one ticket intent (202 accepted, 200 for an idempotent replay)",
               openapi_extra={"requestBody": {"required": True,
                                              "content": {"application/json": {"schema": intent_schema}}}})
-    async def submit(request: Request) -> Response:
+    async def submit(request: Request, dry_run: bool = False) -> Response:
         who = authorize(request, "intents:write")
         data = await read_json(request)
         try:
+            if dry_run:  # what would be sent, where: nothing stored, nothing sent
+                return JSONResponse(await _in_thread(service.preview, data))
             accepted = await _in_thread(service.accept, data, source="api", submitted_by=who,
                                         submitted_from=request.client.host if request.client else None)
         except IntentInvalid as exc:
             raise Problem(422, "Invalid intent", str(exc), errors=exc.problems) from None
         return JSONResponse(accepted.intent.as_dict(), status_code=200 if accepted.replay else 202,
                             headers={"Location": f"/v1/intents/{accepted.intent.id}"})
+
+    @app.post("/v1/intents/batch", tags=["intents"],
+              summary="Submit many intents: 200 with one result per item; 422 when none is valid; 413 over the "
+                      "maximum",
+              description="Body `{\"intents\": [...]}` with at most `[api] max_batch` intents. Each item is "
+                          "validated as `POST /v1/intents` would; the valid new ones are stored in one transaction "
+                          "and enqueued (items with a `group_key` one by one after it, as their group decides "
+                          "ticket or reply). The answer is 200 with `results[i] = {index, status: accepted|replay|"
+                          "invalid, id?, errors?, duplicate_of?}` even when some items are invalid (207-like); "
+                          "an item whose idempotency key an earlier item of the same batch has is a `replay` of "
+                          "it with `duplicate_of` naming that item. When no item is valid: 422 "
+                          "(problem+json, with the same `results`).",
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
+                  "type": "object", "required": ["intents"], "additionalProperties": False,
+                  "properties": {"intents": {"type": "array", "minItems": 1, "maxItems": config.max_batch,
+                                             "items": intent_schema}}}}}}})
+    async def submit_batch(request: Request) -> Response:
+        who = authorize(request, "intents:write")
+        items = _batch_items(await read_json(request, limit=config.max_batch_body_bytes), config.max_batch)
+        results = await _in_thread(service.accept_many, items, source="api", submitted_by=who,
+                                   submitted_from=request.client.host if request.client else None)
+        out = [_item_json(r) for r in results]
+        counts = {s: sum(1 for r in out if r["status"] == s) for s in ("accepted", "replay", "invalid")}
+        if counts["invalid"] == len(out):
+            errors = [{"field": f"intents[{r.index}].{p.field}", "reason": p.reason} for r in results for p in r.errors]
+            return JSONResponse({"type": "about:blank", "title": "Invalid intents", "status": 422,
+                                 "detail": "no intent in the batch is valid; nothing was stored",
+                                 "instance": request.url.path, "errors": errors, "results": out},
+                                status_code=422, media_type=PROBLEM)
+        return JSONResponse({"results": out, **counts})
 
     @app.get("/v1/intents/{intent_id}", tags=["intents"], summary="One intent with its attempts")
     async def show(intent_id: str, request: Request) -> Response:
@@ -148,7 +188,10 @@ def create_app(service: Dispatcher, *, readiness: Any = None) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], summary="The database and the broker are reachable")
+    @app.get("/readyz", tags=["health"], summary="The database and the broker are reachable",
+             description="503 only when intake cannot work (database, broker). `components` reports the "
+                         "scheduler's and the workers' heartbeats (ok | stale | missing) without failing "
+                         "readiness: intents accepted meanwhile wait safely in the database.")
     async def readyz() -> Response:
         checks: dict[str, Any] = {}
         try:
@@ -159,8 +202,17 @@ def create_app(service: Dispatcher, *, readiness: Any = None) -> FastAPI:
         if readiness is not None:
             checks.update(await _in_thread(readiness))
         ok = all(v == "ok" for v in checks.values())
-        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks},
-                            status_code=200 if ok else 503)
+        body: dict[str, Any] = {"status": "ok" if ok else "unavailable", "checks": checks}
+        if checks["database"] == "ok":
+            with contextlib.suppress(Exception):  # a report only: never the reason readiness fails
+                body["components"] = (await _in_thread(service.store.liveness, service.clock())).as_dict()
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    scrape = metrics.registry(metrics.DatabaseCollector(service.store, config.targets))
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics (text exposition format)")
+    async def prometheus_metrics() -> Response:
+        return Response(await _in_thread(generate_latest, scrape), media_type=CONTENT_TYPE_LATEST)
 
     original_openapi = app.openapi
 
@@ -173,6 +225,38 @@ def create_app(service: Dispatcher, *, readiness: Any = None) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _batch_items(data: Any, max_batch: int) -> list[Any]:
+    """The ``intents`` list of a batch body, or the problem with the body as a whole."""
+    if not isinstance(data, dict):
+        raise Problem(422, "Invalid batch", "the body must be an object: {\"intents\": [...]}",
+                      errors=[FieldProblem("body", "must be an object with an 'intents' list")])
+    unknown = sorted(set(data) - {"intents"})
+    if unknown:
+        raise Problem(422, "Invalid batch", f"unknown field(s): {', '.join(unknown)}",
+                      errors=[FieldProblem(name, "unknown field") for name in unknown])
+    items = data.get("intents")
+    if not isinstance(items, list) or not items:
+        reason = "required" if items is None else "must be a non-empty list of intents"
+        raise Problem(422, "Invalid batch", f"intents: {reason}", errors=[FieldProblem("intents", reason)])
+    if len(items) > max_batch:
+        raise Problem(413, "Batch too large", f"the batch has {len(items)} intents; at most {max_batch} per "
+                      "request ([api] max_batch): split it", errors=[FieldProblem("intents", f"at most {max_batch}")])
+    return items
+
+
+def _item_json(result: ItemResult) -> dict[str, Any]:
+    """One item's result: a duplicate within the batch is a replay of the earlier item."""
+    status = ItemStatus.replay if result.status is ItemStatus.duplicate else result.status
+    out: dict[str, Any] = {"index": result.index, "status": status.value}
+    if result.id is not None:
+        out["id"] = str(result.id)
+    if result.duplicate_of is not None:
+        out["duplicate_of"] = result.duplicate_of
+    if result.errors:
+        out["errors"] = [{"field": p.field, "reason": p.reason} for p in result.errors]
+    return out
 
 
 def _ping_db(service: Dispatcher) -> None:

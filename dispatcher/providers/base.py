@@ -159,6 +159,10 @@ class ProviderAdapter(Protocol):
     def find_requests_for_marker(self, subject: str) -> list[RequestSpec]:
         """The list reads (``Op.find``) that can show a ticket we may have created with this subject."""
 
+    def next_find_request(self, spec: RequestSpec, outcome: Outcome, since: datetime) -> RequestSpec | None:
+        """The next, older page of the list ``spec`` read, while this page may not reach back to ``since``
+        (newer lists come first: a ticket made before a burst of others is pages down); None when done."""
+
     def candidate_ids(self, outcome: Outcome, subject: str) -> list[str]:
         """Ticket ids in a classified find answer whose subject matches; read them to check the marker."""
 

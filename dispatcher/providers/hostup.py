@@ -52,6 +52,17 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _iso_time(value: Any) -> datetime | None:
+    """HostUp's ISO 8601 timestamps (``...Z``), aware; None when unreadable."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 def _parse_json(body: bytes) -> Any:
     if not body.strip():
         return _UNREADABLE
@@ -161,6 +172,19 @@ class HostUpAdapter:
     def find_requests_for_marker(self, subject: str) -> list[RequestSpec]:
         """The newest page of tickets; the list has no subject filter, so ``candidate_ids`` sorts it."""
         return [RequestSpec(Op.find, "GET", "/support/tickets", params={"limit": FIND_PAGE_SIZE})]
+
+    def next_find_request(self, spec: RequestSpec, outcome: Outcome, since: datetime) -> RequestSpec | None:
+        """The ticket list's next page (``nextCursor``) while this page's oldest ticket is not older than
+        ``since``. An item without a readable ``createdAt`` proves nothing, so paging goes on."""
+        if spec.path != "/support/tickets" or not isinstance(outcome.data, dict) or not outcome.items:
+            return None
+        cursor = _text(outcome.data.get("nextCursor"))
+        if cursor is None:
+            return None
+        created = [_iso_time(item.get("createdAt")) for item in outcome.items if isinstance(item, dict)]
+        if created and all(c is not None for c in created) and min(c for c in created if c) < since:
+            return None
+        return replace(spec, params={**dict(spec.params or {}), "cursor": cursor})
 
     def candidate_ids(self, outcome: Outcome, subject: str) -> list[str]:
         """List items omit the body, so matches by subject must be read in detail for the marker."""

@@ -32,8 +32,10 @@ from dispatcher.providers.headers import parse_rate_limit, parse_retry_after
 
 Clock = Callable[[], datetime]
 
-#: how many recent tasks a reconciliation reads
+#: how many recent tasks a reconciliation reads per page
 FIND_PAGE_SIZE = 100
+#: NocWorx's page size when none is asked for
+DEFAULT_PAGE_SIZE = 20
 _UNREADABLE = object()
 _SNIPPET_CHARS = 300
 _TASK_PATH = re.compile(r"^/v1/task/([A-Za-z0-9-]{1,64})$")
@@ -231,6 +233,23 @@ class NocWorxAdapter:
                 "filter[subject]": subject, "sortBy": "id", "sortOrder": "DESC",
             }),
         ]
+
+    def next_find_request(self, spec: RequestSpec, outcome: Outcome, since: datetime) -> RequestSpec | None:
+        """The next ``page`` of a task or ticket list while this one was full and its oldest item
+        (``request_date`` / ``date_created``, epoch seconds) is not older than ``since``. An item
+        without a readable date proves nothing, so paging goes on; past the end NocWorx answers 416."""
+        if spec.path not in ("/v1/task", "/v1/ticket"):
+            return None
+        params = dict(spec.params or {})
+        size, page = int(params.get("pageSize", DEFAULT_PAGE_SIZE)), int(params.get("page", 1))
+        if len(outcome.items) < size:
+            return None
+        dates = [item.get("request_date" if spec.path == "/v1/task" else "date_created")
+                 for item in outcome.items if isinstance(item, dict)]
+        readable = [d for d in dates if isinstance(d, int | float) and not isinstance(d, bool)]
+        if dates and len(readable) == len(dates) and min(readable) < since.timestamp():
+            return None
+        return replace(spec, params={**params, "page": page + 1})
 
     def candidate_ids(self, outcome: Outcome, subject: str) -> list[str]:
         """Ticket ids with this subject: from a ticket list, or from resolved ticket:add tasks."""

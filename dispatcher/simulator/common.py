@@ -13,6 +13,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from email.utils import formatdate
 from typing import Any
 
@@ -21,6 +22,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from dispatcher.domain import find_marker
+from dispatcher.providers.headers import parse_retry_after
 from dispatcher.simulator.settings import SimulatorSettings
 from dispatcher.simulator.state import RateLimited, RequestRecord, SimState
 
@@ -160,6 +162,9 @@ def provider_endpoint(dialect: Dialect, handler: Handler) -> Endpoint:
         status = response.status_code
         record.status = status
         record.throttled = status == 429
+        if "retry-after" in response.headers:  # what the answer asked for, so a log shows early requests
+            record.retry_after = parse_retry_after(response.headers["retry-after"],
+                                                   datetime.fromtimestamp(arrived, UTC))
         if status == 429:
             counters["429"] += 1
         elif status == 401:

@@ -118,12 +118,13 @@ class RequestRecord:
     status: int = 0
     throttled: bool = False
     fault: str | None = None        # "error" | "drop" when the simulator injected one
+    retry_after: float | None = None  # seconds the answer's Retry-After asked for (from ``at``)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "provider": self.provider, "method": self.method, "path": self.path, "query": self.query,
             "status": self.status, "at": self.at, "marker": self.marker, "throttled": self.throttled,
-            "fault": self.fault,
+            "fault": self.fault, "retry_after": self.retry_after,
         }
 
 

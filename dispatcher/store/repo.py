@@ -7,18 +7,40 @@ delivered twice, or two schedulers, cannot both win: the second finds nothing to
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, exists, func, or_, select, update
+from sqlalchemy import (
+    JSON,
+    ColumnElement,
+    Connection,
+    Engine,
+    Table,
+    and_,
+    any_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.domain import (
     DUE_STATUSES,
+    Action,
     AttemptView,
     EventView,
     IntentView,
@@ -29,10 +51,27 @@ from dispatcher.domain import (
     TicketView,
 )
 from dispatcher.errors import StoreUnavailable
+from dispatcher.health import STALE_AFTER_S, HeartbeatView, Liveness, liveness
 from dispatcher.store.db import is_sqlite
-from dispatcher.store.tables import AttemptRow, EventRow, IntentRow, TargetStateRow, TicketRow
+from dispatcher.store.tables import AttemptRow, EventRow, HeartbeatRow, IntentRow, TargetStateRow, TicketRow
 
 EXCERPT_MAX = 2000
+#: rows per statement in bulk inserts and id look-ups (below every driver's parameter limits)
+BULK_CHUNK = 5000
+#: publishers' clocks may differ this much from the scheduler's (see ``take_due``)
+PUBLISH_CLOCK_SLACK_S = 1.0
+#: the temporary table a Postgres bulk insert stages its rows in (dropped at commit)
+STAGING_TABLE = "dispatcher_staged_intents"
+
+
+#: a create or reply on record that may have made something at the provider: an exchange never
+#: finished, an unknown outcome, a 201/202 whose result was not applied, a dropped answer or a
+#: 500/502/504. Only a clean refusal (a final 4xx, a 429, a 503) proves nothing was made.
+_MAYBE_MADE = and_(
+    AttemptRow.op.in_(("create", "reply")),
+    or_(AttemptRow.verdict.is_(None), AttemptRow.verdict.in_(("unknown", "done", "poll")),
+        and_(AttemptRow.verdict == "retry",
+             or_(AttemptRow.status_code.is_(None), AttemptRow.status_code.in_((500, 502, 504))))))
 
 
 def excerpt(text: str | bytes | None, limit: int = EXCERPT_MAX) -> str | None:
@@ -71,7 +110,13 @@ def intent_view(row: IntentRow, ticket: TicketRow | None = None,
         updated_at=row.updated_at, finished_at=row.finished_at,
         ticket=ticket_view(ticket) if ticket else None,
         attempt_log=tuple(attempt_view(a) for a in attempts),
+        action=Action(row.action or Action.create.value), group_id=row.group_id, group_seq=row.group_seq,
+        payload=dict(row.payload) if row.payload else None,
     )
+
+
+class LeaseLost(Exception):
+    """This process no longer holds the intent's lease (it expired and the intent was recovered): stop."""
 
 
 @dataclass(frozen=True)
@@ -113,32 +158,80 @@ class Store:
             return self._view(s, row) if row else None
 
     def find_by_keys(self, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], uuid.UUID]:
-        """Existing ids for (target, idempotency key) pairs: replays in a batch."""
-        wanted = list(pairs)
-        if not wanted:
-            return {}
+        """Existing ids for (target, idempotency key) pairs: replays in a batch.
+
+        Asked per target, so each look-up is a range of the unique (target, key) index.
+        """
+        by_target: dict[str, list[str]] = {}
+        for target, key in pairs:
+            by_target.setdefault(target, []).append(key)
         found: dict[tuple[str, str], uuid.UUID] = {}
         with self.session() as s:
-            for start in range(0, len(wanted), 500):
-                chunk = wanted[start:start + 500]
-                keys = {k for _, k in chunk}
-                rows = s.execute(select(IntentRow.target, IntentRow.idempotency_key, IntentRow.id)
-                                 .where(IntentRow.idempotency_key.in_(keys)))
-                wanted_here = set(chunk)
-                for target, key, id_ in rows:
-                    if key is not None and (target, key) in wanted_here:
-                        found[(target, key)] = id_
+            for target, keys in by_target.items():
+                unique = list(dict.fromkeys(keys))
+                for start in range(0, len(unique), BULK_CHUNK):
+                    rows = s.execute(select(IntentRow.idempotency_key, IntentRow.id)
+                                     .where(IntentRow.target == target,
+                                            self._among(IntentRow.idempotency_key, unique[start:start + BULK_CHUNK])))
+                    found.update({(target, key): id_ for key, id_ in rows if key is not None})
         return found
+
+    def _among(self, column: Any, values: list[Any]) -> ColumnElement[bool]:
+        """``column IN (values)``; on Postgres ``= ANY(one array)``: the driver parses a statement with
+        thousands of placeholders for tens of milliseconds, every time."""
+        if is_sqlite(self.engine):
+            return cast(ColumnElement[bool], column.in_(values))
+        return cast(ColumnElement[bool], column == any_(bindparam(None, values, type_=ARRAY(column.type))))
 
     def mark_not_enqueued(self, ids: Sequence[uuid.UUID]) -> None:
         """Publishing failed: let the scheduler pick these up at once."""
         with self.session() as s, s.begin():
             s.execute(update(IntentRow).where(IntentRow.id.in_(ids)).values(enqueued_at=None))
 
+    def insert_intents_bulk(self, rows: Sequence[dict[str, Any]],
+                            events: Sequence[dict[str, Any]]) -> set[uuid.UUID]:
+        """Insert many intents and their events in ONE transaction; return the ids inserted.
+
+        A row whose (target, idempotency key) was committed meanwhile by someone else is skipped
+        (``ON CONFLICT DO NOTHING``), and so is its event: the caller reports it as a replay of the
+        winner. Any other failure rolls the whole batch back. On Postgres the rows go in by COPY into
+        a temporary table and one ``INSERT ... SELECT``: multi-row INSERTs spend most of their time
+        in the driver parsing the huge statements (see bench/intake.py).
+        """
+        if not rows:
+            return set()
+        with self.engine.begin() as conn:
+            bulk = _insert_many_sqlite if is_sqlite(self.engine) else _copy_insert_intents
+            inserted = bulk(conn, rows)
+            kept = [e for e in events if e["intent_id"] in inserted]
+            if kept and is_sqlite(self.engine):
+                for at in range(0, len(kept), BULK_CHUNK):
+                    conn.execute(insert(_table(EventRow)), kept[at:at + BULK_CHUNK])
+            elif kept:
+                _copy_rows(conn, _table(EventRow), kept)
+        return inserted
+
+    def outcomes(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, tuple[Status, str | None]]:
+        """Each intent's status and ticket id (the provider's), for batch summaries and waits."""
+        out: dict[uuid.UUID, tuple[Status, str | None]] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), BULK_CHUNK):
+                chunk = list(ids[start:start + BULK_CHUNK])
+                rows = conn.execute(select(IntentRow.id, IntentRow.status, TicketRow.provider_ticket_id)
+                                    .outerjoin(TicketRow, TicketRow.intent_id == IntentRow.id)
+                                    .where(self._among(IntentRow.id, chunk)))
+                for intent_id, status, ticket in rows:
+                    out[intent_id] = (Status(status), ticket)
+        return out
+
     # -- reads ---------------------------------------------------------------------------------
 
     def _view(self, s: Session, row: IntentRow, with_attempts: bool = False) -> IntentView:
         ticket = s.scalar(select(TicketRow).where(TicketRow.intent_id == row.id))
+        if ticket is None and row.payload and row.payload.get("ticket"):
+            # a group follow-up: it made no ticket, it went to the group's
+            ticket = s.scalar(select(TicketRow).where(TicketRow.target == row.target,
+                                                      TicketRow.provider_ticket_id == str(row.payload["ticket"])))
         attempts: Sequence[AttemptRow] = ()
         if with_attempts:
             attempts = s.scalars(select(AttemptRow).where(AttemptRow.intent_id == row.id)
@@ -230,9 +323,21 @@ class Store:
     # -- attempts and tickets ------------------------------------------------------------------
 
     def begin_attempt(self, intent_id: uuid.UUID, *, number: int | None, op: str, method: str, path: str,
-                      request: dict[str, Any] | None, worker: str, now: datetime) -> int:
-        """Record an exchange before it is sent, so a lost answer leaves a trace to reconcile."""
+                      request: dict[str, Any] | None, worker: str, now: datetime,
+                      lease_s: float | None = None) -> int:
+        """Record an exchange before it is sent, so a lost answer leaves a trace to reconcile.
+
+        With ``lease_s``: only while ``worker`` still holds the intent's lease, renewed for ``lease_s``
+        in the same transaction. A worker presumed dead (its lease expired, the intent was recovered
+        and may be with another worker now) must send nothing more for it (:class:`LeaseLost`), and a
+        worker busy with many exchanges for one intent (a reconcile reading pages) keeps its lease.
+        """
         with self.session() as s, s.begin():
+            if lease_s is not None:
+                held = s.execute(update(IntentRow).where(IntentRow.id == intent_id, IntentRow.leased_by == worker)
+                                 .values(lease_until=now + timedelta(seconds=lease_s)))
+                if held.rowcount == 0:  # type: ignore[attr-defined]
+                    raise LeaseLost(f"intent {intent_id} is no longer leased by {worker}: not sending")
             row = AttemptRow(intent_id=intent_id, number=number, op=op, method=method, path=path[:500],
                              request=request, worker=worker, started_at=now)
             s.add(row)
@@ -247,11 +352,27 @@ class Store:
         with self.session() as s, s.begin():
             s.execute(update(AttemptRow).where(AttemptRow.id == attempt_id).values(**values))
 
+    def abandon_attempts(self, intent_id: uuid.UUID, *, now: datetime, error: str) -> bool:
+        """An error cut the dispatch short: close its open exchanges as unknown, and say whether any
+        create or reply on record may have made something (reconcile before sending again)."""
+        with self.session() as s, s.begin():
+            s.execute(update(AttemptRow).where(AttemptRow.intent_id == intent_id, AttemptRow.verdict.is_(None))
+                      .values(verdict="unknown", error_code="internal", error_message=excerpt(error),
+                              finished_at=now))
+            return bool(s.scalar(select(exists().where(AttemptRow.intent_id == intent_id, _MAYBE_MADE))))
+
     def has_unfinished_create(self, intent_id: uuid.UUID) -> bool:
         with self.session() as s:
             return bool(s.scalar(select(exists().where(
                 AttemptRow.intent_id == intent_id, AttemptRow.op == "create",
                 or_(AttemptRow.verdict.is_(None), AttemptRow.verdict == "unknown")))))
+
+    def first_create_at(self, intent_id: uuid.UUID) -> datetime | None:
+        """When the intent's first create that may have made a ticket was sent (a reconcile reads the
+        provider's lists back to then), if on record; clean refusals (429, 503, 4xx) do not count."""
+        with self.session() as s:
+            return s.scalar(select(func.min(AttemptRow.started_at)).where(AttemptRow.intent_id == intent_id,
+                                                                          AttemptRow.op == "create", _MAYBE_MADE))
 
     def record_ticket(self, intent: IntentView, *, provider_id: str, number: str | None, url: str | None,
                       department: str | None, now: datetime) -> None:
@@ -272,17 +393,30 @@ class Store:
     # -- scheduler -----------------------------------------------------------------------------
 
     def take_due(self, *, now: datetime, requeue_after_s: float, paused: Iterable[str],
-                 limit: int = 500) -> list[DueIntent]:
+                 limit: int = 500, waiting_since: Mapping[str, datetime | None] | None = None) -> list[DueIntent]:
         """Due intents whose message may be lost (never published, flushed, or long undelivered).
 
-        Marks them enqueued now, in the same transaction, so a second scheduler skips them.
+        Published more than ``requeue_after_s`` ago is not enough when the broker says more: for a
+        target in ``waiting_since`` (when the oldest message still waiting in its queue was published;
+        None for an empty queue) only intents published before that oldest message count, because a
+        FIFO queue has handed out everything older. Without this, every intent of a backlog longer
+        than ``requeue_after_s`` would be published again, and again, burying polls and retries
+        behind duplicates. Marks them enqueued now, in the same transaction, so a second scheduler
+        skips them.
         """
         stale = now - timedelta(seconds=requeue_after_s)
+        lost: list[ColumnElement[bool]] = [IntentRow.enqueued_at.is_(None)]
+        known = {t: since for t, since in (waiting_since or {}).items() if since is not None}
+        for target, since in known.items():
+            cutoff = min(stale, since - timedelta(seconds=PUBLISH_CLOCK_SLACK_S))
+            lost.append(and_(IntentRow.target == target, IntentRow.enqueued_at < cutoff))
+        lost.append(and_(IntentRow.target.not_in(list(known)), IntentRow.enqueued_at < stale) if known
+                    else IntentRow.enqueued_at < stale)
         query = (select(IntentRow.id, IntentRow.target, IntentRow.status)
                  .where(IntentRow.status.in_([s.value for s in (*DUE_STATUSES, Status.polling)]),
                         IntentRow.next_attempt_at <= now,
                         or_(IntentRow.lease_until.is_(None), IntentRow.lease_until < now),
-                        or_(IntentRow.enqueued_at.is_(None), IntentRow.enqueued_at < stale))
+                        or_(*lost))
                  .order_by(IntentRow.next_attempt_at).limit(limit))
         paused = list(paused)
         if paused:
@@ -297,7 +431,13 @@ class Store:
             return [DueIntent(r.id, r.target, Status(r.status)) for r in rows]
 
     def recover_expired_leases(self, *, now: datetime, limit: int = 500) -> list[uuid.UUID]:
-        """Intents whose worker died mid-send go back to ``waiting``; a begun create is reconciled."""
+        """Intents whose worker died mid-send go back to ``waiting``; one whose create (or reply) may
+        have made something is reconciled first.
+
+        "May have made something": an exchange still open (no verdict), an unknown outcome, a 201/202
+        recorded whose result the worker died before applying, or a 500/502/504 or dropped answer.
+        Only a clean refusal (a final 4xx, a 429/503) proves nothing was made.
+        """
         query = (select(IntentRow.id).where(IntentRow.status == Status.sending.value,
                                             IntentRow.lease_until < now).limit(limit))
         if self.skip_locked:
@@ -305,12 +445,12 @@ class Store:
         with self.session() as s, s.begin():
             ids = list(s.scalars(query))
             for intent_id in ids:
-                unfinished = s.scalar(select(exists().where(
-                    AttemptRow.intent_id == intent_id, AttemptRow.op == "create",
-                    AttemptRow.verdict.is_(None))))
+                unfinished = s.scalar(select(exists().where(AttemptRow.intent_id == intent_id, _MAYBE_MADE)))
                 s.execute(update(IntentRow).where(IntentRow.id == intent_id, IntentRow.status == "sending")
                           .values(status=Status.waiting.value, lease_until=None, leased_by=None,
                                   next_attempt_at=now, enqueued_at=None, updated_at=now,
+                                  last_error_code="worker_lost",
+                                  last_error_message="the worker holding it was lost (its lease expired)",
                                   needs_reconcile=IntentRow.needs_reconcile | bool(unfinished)))
                 s.execute(update(AttemptRow).where(AttemptRow.intent_id == intent_id,
                                                    AttemptRow.verdict.is_(None))
@@ -333,14 +473,15 @@ class Store:
             return set(s.scalars(select(TargetStateRow.name).where(TargetStateRow.paused.is_(True))))
 
     def set_target_state(self, name: str, *, now: datetime, **values: Any) -> None:
+        """Upsert: two workers meeting the same 401 at once both land, neither fails on the key."""
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        insert = sqlite_insert if is_sqlite(self.engine) else pg_insert
         with self.session() as s, s.begin():
-            row = s.get(TargetStateRow, name, with_for_update=not is_sqlite(self.engine))
-            if row is None:
-                row = TargetStateRow(name=name, paused=False)
-                s.add(row)
-            for key, value in values.items():
-                setattr(row, key, value)
-            row.updated_at = now
+            s.execute(insert(TargetStateRow).values(name=name, paused=False, updated_at=now)
+                      .on_conflict_do_nothing(index_elements=["name"]))
+            s.execute(update(TargetStateRow).where(TargetStateRow.name == name).values(updated_at=now, **values))
 
     def make_due(self, *, target: str, now: datetime) -> int:
         """Every waiting or polling intent of the target is due now (and its message presumed lost)."""
@@ -365,4 +506,125 @@ class Store:
                 out[target] = {"open": count, "oldest_age_s": (now - oldest).total_seconds() if oldest else None}
             return out
 
+    def status_counts(self) -> dict[tuple[str, str], int]:
+        """Intents per (target, status): one GROUP BY, for the ``dispatcher_intents`` gauge."""
+        with self.session() as s:
+            rows = s.execute(select(IntentRow.target, IntentRow.status, func.count())
+                             .group_by(IntentRow.target, IntentRow.status))
+            return {(target, status): int(n) for target, status, n in rows}
 
+    # -- heartbeats (see dispatcher.health) -----------------------------------------------------
+
+    def beat(self, component: str, name: str, now: datetime, info: Mapping[str, Any] | None = None) -> None:
+        """Write one process's heartbeat: insert it, or refresh ``seen_at`` and ``info``."""
+        insert_fn = sqlite_insert if is_sqlite(self.engine) else pg_insert
+        table = cast(Table, HeartbeatRow.__table__)
+        stmt = insert_fn(table).values(component=component, name=name[:200], started_at=now, seen_at=now,
+                                       info=dict(info or {}))
+        stmt = stmt.on_conflict_do_update(index_elements=["component", "name"],
+                                          set_={"seen_at": stmt.excluded.seen_at, "info": stmt.excluded.info})
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    def forget_heartbeat(self, component: str, name: str) -> None:
+        """A clean shutdown: the process is gone, not dead."""
+        with self.session() as s, s.begin():
+            s.execute(delete(HeartbeatRow).where(HeartbeatRow.component == component,
+                                                 HeartbeatRow.name == name[:200]))
+
+    def prune_heartbeats(self, before: datetime) -> int:
+        """Delete heartbeats last seen before ``before`` (processes that crashed long ago)."""
+        with self.session() as s, s.begin():
+            result = s.execute(delete(HeartbeatRow).where(HeartbeatRow.seen_at < before))
+            return int(result.rowcount)  # type: ignore[attr-defined]
+
+    def heartbeats(self) -> list[HeartbeatView]:
+        with self.session() as s:
+            rows = s.scalars(select(HeartbeatRow).order_by(HeartbeatRow.component, HeartbeatRow.name)).all()
+            return [HeartbeatView(r.component, r.name, r.started_at, r.seen_at, dict(r.info or {})) for r in rows]
+
+    def liveness(self, now: datetime, *, stale_after_s: float = STALE_AFTER_S) -> Liveness:
+        """Are the scheduler and at least one worker alive? For ``/readyz``, metrics, ``dispatcher check``."""
+        return liveness(self.heartbeats(), now, stale_after_s=stale_after_s)
+
+
+# -- bulk inserts ---------------------------------------------------------------------------------
+
+def _table(model: type[Any]) -> Table:
+    return cast(Table, model.__table__)
+
+
+def _driver(conn: Connection) -> Any:
+    """The psycopg connection under SQLAlchemy's (same transaction)."""
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    return driver
+
+
+@contextmanager
+def _as_sqlalchemy_errors(what: str) -> Iterator[None]:
+    """Raise psycopg's errors as SQLAlchemy's, as every other query here does (callers catch DBAPIError)."""
+    import psycopg
+
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(what, None, exc, psycopg.Error) from exc
+
+
+def _insert_many_sqlite(conn: Connection, rows: Sequence[dict[str, Any]]) -> set[uuid.UUID]:
+    table = _table(IntentRow)
+    stmt = (sqlite_insert(table).on_conflict_do_nothing(index_elements=["target", "idempotency_key"])
+            .returning(table.c.id))
+    inserted: set[uuid.UUID] = set()
+    for start in range(0, len(rows), BULK_CHUNK):
+        inserted.update(conn.execute(stmt, list(rows[start:start + BULK_CHUNK])).scalars())
+    return inserted
+
+
+def _copy_rows(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], *, into: str | None = None) -> None:
+    """COPY ``rows`` (dicts with the same keys) into ``table``, or the table named ``into``.
+
+    JSON columns are written as JSON text; None in them becomes JSON ``null``, as the ORM writes it.
+    """
+    from psycopg import sql
+
+    columns = list(rows[0])
+    json_columns = {c.name for c in table.columns if isinstance(c.type, JSON)}
+    encode = [c in json_columns for c in columns]
+    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+        sql.Identifier(into or table.name), sql.SQL(", ").join(sql.Identifier(c) for c in columns))
+    cursor = _driver(conn).cursor()  # psycopg's own: COPY is not in the DB-API
+    with _as_sqlalchemy_errors(f"COPY {into or table.name}"), cursor, cursor.copy(statement) as copy:
+        for row in rows:
+            copy.write_row([_json_text(row[c]) if enc else row[c] for c, enc in zip(columns, encode, strict=True)])
+
+
+_EMPTY_JSON = {type(None): "null", list: "[]", dict: "{}"}
+
+
+def _json_text(value: Any) -> str:
+    """JSON text for a COPY; the empty values most rows carry (no cc, no service) without the encoder."""
+    if not value and type(value) in _EMPTY_JSON:
+        return _EMPTY_JSON[type(value)]
+    return json.dumps(value)
+
+
+def _copy_insert_intents(conn: Connection, rows: Sequence[dict[str, Any]]) -> set[uuid.UUID]:
+    """Postgres: COPY into a temporary twin of ``intents``, then one INSERT ... ON CONFLICT DO NOTHING."""
+    from psycopg import sql
+
+    table = _table(IntentRow)
+    columns = sql.SQL(", ").join(sql.Identifier(c) for c in rows[0])
+    cursor = _driver(conn).cursor()
+    with _as_sqlalchemy_errors(f"bulk INSERT INTO {table.name}"), cursor:
+        cursor.execute(sql.SQL("CREATE TEMPORARY TABLE {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP").format(
+            sql.Identifier(STAGING_TABLE), sql.Identifier(table.name)))
+        _copy_rows(conn, table, rows, into=STAGING_TABLE)
+        # in key order, so that concurrent batches with common keys wait for each other, never deadlock
+        cursor.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ORDER BY target, idempotency_key "
+                               "ON CONFLICT (target, idempotency_key) DO NOTHING RETURNING id").format(
+            sql.Identifier(table.name), columns, columns, sql.Identifier(STAGING_TABLE)))
+        inserted = {row[0] for row in cursor.fetchall()}
+        cursor.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(STAGING_TABLE)))
+    return inserted

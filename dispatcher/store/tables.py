@@ -115,12 +115,51 @@ class IntentRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
+    #: what the intent does to its group's ticket (domain.Action); ungrouped intents create
+    action: Mapped[str] = mapped_column(String(16), default="create", server_default="create")
+    group_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("intent_groups.id"))
+    #: the order of intake within the group (flap damping: a newer pending follow-up supersedes)
+    group_seq: Mapped[int | None] = mapped_column(Integer)
+    #: the alert state this intent describes, and a follow-up's steps (reopen/reply/close) and progress
+    payload: Mapped[dict[str, Any] | None] = mapped_column(Json)
+
     __table_args__ = (
         UniqueConstraint("target", "idempotency_key"),
         Index(None, "status", "next_attempt_at"),
         Index(None, "target", "status"),
         Index(None, "group_key"),
+        Index(None, "group_id", "group_seq"),
     )
+
+
+class IntentGroupRow(Base):
+    """One ticket per group: the unique (target, group_key) is what makes concurrent creators agree.
+
+    Intake inserts the row if missing (ON CONFLICT DO NOTHING) and locks it (FOR UPDATE) before it
+    decides create / reply / reopen / none, so two notifications can never both decide "create".
+    """
+
+    __tablename__ = "intent_groups"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    target: Mapped[str] = mapped_column(String(64))
+    group_key: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    seq: Mapped[int] = mapped_column(Integer, default=0)
+    creator_intent_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    ticket_provider_id: Mapped[str | None] = mapped_column(String(64))
+    ticket_number: Mapped[str | None] = mapped_column(String(64))
+    ticket_url: Mapped[str | None] = mapped_column(String(500))
+    ticket_closed: Mapped[bool] = mapped_column(Boolean, default=False)
+    current_state: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    sent_state: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (UniqueConstraint("target", "group_key"),)
 
 
 class AttemptRow(Base):
@@ -204,3 +243,15 @@ class OperatorActionRow(Base):
     target: Mapped[str | None] = mapped_column(String(64))
     reason: Mapped[str | None] = mapped_column(Text)
     details: Mapped[dict[str, Any] | None] = mapped_column(Json)
+
+
+class HeartbeatRow(Base):
+    """A worker's or the scheduler's last sign of life (see :mod:`dispatcher.health`)."""
+
+    __tablename__ = "heartbeats"
+
+    component: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    info: Mapped[dict[str, Any] | None] = mapped_column(Json)

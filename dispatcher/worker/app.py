@@ -8,11 +8,18 @@ not hold back the others.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import time
 import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
+from celery.utils.nodenames import anon_nodename
 from kombu import Queue  # type: ignore[attr-defined]
 
 from dispatcher.config import AppConfig
@@ -22,6 +29,12 @@ log = logging.getLogger(__name__)
 
 TASK_NAMES = {"dispatch": "dispatcher.dispatch", "poll": "dispatcher.poll"}
 VISIBILITY_TIMEOUT_S = 3600
+#: a cold (SIGQUIT) shutdown waits this long for running tasks before cancelling them
+SOFT_SHUTDOWN_S = 20.0
+#: message header: when it was published (epoch seconds, the publisher's clock)
+PUBLISHED_AT = "dispatcher_published_at"
+#: Redis commands per pipeline when publishing a batch
+PUBLISH_BATCH = 1000
 
 
 def queue_name(target: str) -> str:
@@ -53,20 +66,69 @@ def make_celery(config: AppConfig) -> Celery:
         task_default_queue="dispatcher.default",
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=True,
+        # SIGTERM is a warm shutdown: running tasks finish (each is bounded by its HTTP timeouts) and
+        # the messages this worker reserved or holds for a countdown go back to Redis as the
+        # connection closes. A cold shutdown (SIGQUIT, or SIGTERM with REMAP_SIGTERM=SIGQUIT) would
+        # cancel running tasks at once and leave their intents to the lease; soft shutdown lets them
+        # finish first, for up to this long (below the usual 30 s a supervisor waits before SIGKILL).
+        worker_soft_shutdown_timeout=SOFT_SHUTDOWN_S,
         worker_enable_remote_control=False,
         worker_send_task_events=False,
     )
     return app
 
 
+def free_prefetch_slots_when_acks_fail() -> None:
+    """Keep a worker consuming after Redis went away while all its children were busy.
+
+    kombu's Redis ``QoS.ack``/``reject`` write to Redis first and only then free the message's
+    prefetch slot. When Redis is down (or restarted) at that moment the write raises, Celery logs
+    "Couldn't ack" and carries on, but the slot is never freed; once every slot of the worker is lost
+    this way it never asks Redis for a message again, silently, until restarted (found by the chaos
+    suite, S4). Freeing the slot whatever happens to the write is safe here: a message whose ack did
+    not reach Redis is at worst delivered again after the visibility timeout, and a second delivery
+    of an intent id does nothing (the claim).
+    """
+    from kombu.transport import redis as kombu_redis
+    from kombu.transport import virtual
+
+    qos: Any = kombu_redis.QoS
+    if getattr(qos, "_dispatcher_frees_slots", False):
+        return
+    ack, reject = qos.ack, qos.reject
+    release: Any = virtual.QoS.ack  # frees the slot locally, touches no broker
+
+    def safe_ack(self: Any, delivery_tag: Any) -> None:
+        try:
+            ack(self, delivery_tag)
+        except Exception:
+            release(self, delivery_tag)  # the slot is free; the caller still logs the failure
+            raise
+
+    def safe_reject(self: Any, delivery_tag: Any, requeue: bool = False) -> None:
+        try:
+            reject(self, delivery_tag, requeue=requeue)
+        except Exception:
+            release(self, delivery_tag)
+            raise
+
+    qos.ack, qos.reject = safe_ack, safe_reject
+    qos._dispatcher_frees_slots = True
+
+
 class CeleryQueue:
-    """Publishes ``dispatcher.dispatch`` / ``dispatcher.poll`` with an intent id on the target's queue."""
+    """Publishes ``dispatcher.dispatch`` / ``dispatcher.poll`` with an intent id on the target's queue.
+
+    Every message carries the time it was published (header :data:`PUBLISHED_AT`), so the scheduler
+    can tell a message still waiting in a backlog from a lost one (:meth:`oldest_waiting`).
+    """
 
     def __init__(self, app: Celery) -> None:
         self.app = app
+        self._peek: Any = None
 
     def enqueue(self, task: str, intent_id: uuid.UUID, *, target: str, countdown: float = 0.0) -> None:
-        options: dict[str, Any] = {"queue": queue_name(target)}
+        options: dict[str, Any] = {"queue": queue_name(target), "headers": {PUBLISHED_AT: time.time()}}
         if countdown > 0:
             options["countdown"] = countdown
         try:
@@ -75,14 +137,162 @@ class CeleryQueue:
             raise EnqueueFailed(f"{type(exc).__name__}: {exc}") from exc
 
     def enqueue_many(self, task: str, items: list[tuple[uuid.UUID, str]]) -> None:
-        failed: Exception | None = None
-        with self.app.producer_or_acquire() as producer:
-            for intent_id, target in items:
-                try:
-                    self.app.send_task(TASK_NAMES[task], args=[str(intent_id)], queue=queue_name(target),
-                                       producer=producer)
-                except Exception as exc:
-                    failed = exc
-                    break
-        if failed is not None:
-            raise EnqueueFailed(f"{type(failed).__name__}: {failed}") from failed
+        """Publish many messages over one connection, pipelined (batch intake).
+
+        ``send_task`` per message costs what a batch need not pay: Celery's routing and argument
+        repr and kombu's per-message work (about 150 µs of CPU) and a Redis round trip each. On Redis
+        the messages are stamped from a template (:class:`RedisStamper`) and pushed in pipelines;
+        elsewhere they are built by Celery (``amqp.as_task_v2``) and sent through kombu's publish
+        batch. bench/intake.py has the figures. On a failure part of the batch may have gone; the
+        caller marks all of it for the scheduler, and a message delivered twice is harmless (the
+        claim lets one through).
+        """
+        if not items:
+            return
+        name = TASK_NAMES[task]
+        try:
+            with self.app.producer_or_acquire() as producer:
+                # fail as fast as send_task does when Redis is down (kombu's default is seconds of retries)
+                producer.connection.ensure_connection(**self.app.conf.task_publish_retry_policy)
+                published = time.time()
+                stamper = RedisStamper.probe(self.app, producer.channel, name, published, queue_name(items[0][1]))
+                if stamper is not None:
+                    stamper.push([(intent_id, queue_name(target)) for intent_id, target in items])
+                else:
+                    self._publish_each(producer, name, items, published)
+        except Exception as exc:  # kombu raises OperationalError and friends when Redis is down
+            raise EnqueueFailed(f"{type(exc).__name__}: {exc}") from exc
+
+    def _publish_each(self, producer: Any, name: str, items: list[tuple[uuid.UUID, str]], published: float) -> None:
+        """Celery's messages through kombu's producer, batched when kombu can (>= 5.7)."""
+        amqp = self.app.amqp
+        ignore_result = bool(self.app.conf.task_ignore_result)
+        origin = anon_nodename()
+        task_ids = _task_ids(len(items))
+        batch = producer.batch(max_size=PUBLISH_BATCH) if hasattr(producer, "batch") else contextlib.nullcontext()
+        with batch:
+            for (intent_id, target), task_id in zip(items, task_ids, strict=True):
+                arg = str(intent_id)
+                message = amqp.as_task_v2(task_id, name, args=[arg], argsrepr=f"['{arg}']", kwargsrepr="{}",
+                                          origin=origin, ignore_result=ignore_result)
+                message.headers[PUBLISHED_AT] = published
+                producer.publish(message.body, exchange="", routing_key=queue_name(target), serializer="json",
+                                 headers=message.headers, declare=[], retry=False, **message.properties)
+
+    def oldest_waiting(self, targets: Iterable[str]) -> dict[str, datetime | None]:
+        """Per target: when the oldest message still waiting in its queue was published (None: the
+        queue is empty). A target whose oldest message cannot be dated (no :data:`PUBLISHED_AT`, a
+        broker other than Redis, Redis unreachable) is left out: nothing is known about it.
+
+        Redis lists are FIFO (publish = LPUSH, consume = BRPOP), so every message published before
+        the oldest waiting one has been handed to a worker: an intent published earlier than that and
+        still due has lost its message (a flush, a restart, a worker that died holding it).
+        """
+        url = str(self.app.conf.broker_url or "")
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            return {}
+        import redis
+
+        if self._peek is None:
+            self._peek = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        out: dict[str, datetime | None] = {}
+        try:
+            for target in targets:
+                raw = self._peek.lindex(queue_name(target), -1)
+                if raw is None:
+                    out[target] = None
+                    continue
+                # a message without our header (e.g. Celery's own retry) says nothing about its target
+                with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError, OverflowError):
+                    stamp = json.loads(raw)["headers"][PUBLISHED_AT]
+                    out[target] = datetime.fromtimestamp(float(stamp), UTC)
+        except redis.RedisError as exc:
+            log.info("cannot look at the broker's queues (%s): presuming messages lost by age alone", exc)
+            return {}
+        return out
+
+
+def _task_ids(count: int) -> list[str]:
+    """Random (version 4) task ids from one read of the random source, not one per message."""
+    pool = os.urandom(16 * count)
+    return [str(uuid.UUID(bytes=pool[16 * i:16 * i + 16], version=4)) for i in range(count)]
+
+
+class RedisStamper:
+    """One task's messages for many intents, pushed to Redis in pipelines: batch intake's fast path.
+
+    A message is Celery's (protocol 2, built by ``amqp.as_task_v2``) in kombu's Redis envelope
+    (``prepare_message`` and the channel's own augmentation, serialized by kombu), made once per
+    queue with placeholders and then stamped per intent with its id, a task id and a delivery tag.
+    That is about a quarter of kombu's cost per message, the largest share of a big import
+    (bench/intake.py). :meth:`probe` checks that every placeholder landed where expected; should
+    Celery or kombu ever shape messages otherwise, it declines and the caller goes through kombu.
+    """
+
+    TASK_ID = "f0000000-0000-4000-8000-00000000000a"  # headers id and root_id, properties correlation_id
+    ARG = "f0000000-0000-4000-8000-00000000000b"      # the body's argument and headers argsrepr
+    TAG = "f0000000-0000-4000-8000-00000000000c"      # properties delivery_tag
+    BODY = "f0000000-0000-4000-8000-00000000000d"     # the base64 body
+    EXPECTED = {TASK_ID: 3, ARG: 1, TAG: 1, BODY: 1}
+
+    def __init__(self, app: Celery, channel: Any, name: str, published: float) -> None:
+        self.app, self.channel, self.name, self.published = app, channel, name, published
+        self._templates: dict[str, tuple[str, str, str]] = {}
+
+    @classmethod
+    def probe(cls, app: Celery, channel: Any, name: str, published: float, queue: str) -> RedisStamper | None:
+        """A stamper if this channel is kombu's Redis channel and the template checks out, else None."""
+        needed = ("client", "prepare_message", "_inplace_augment_message", "_q_for_pri")
+        if not all(hasattr(channel, attribute) for attribute in needed):
+            return None
+        stamper = cls(app, channel, name, published)
+        try:
+            _, envelope, body = stamper._template(queue)
+        except Exception:
+            log.warning("cannot build a message template; publishing through kombu", exc_info=True)
+            return None
+        if any(envelope.count(mark) != n for mark, n in cls.EXPECTED.items()) or body.count(cls.ARG) != 1:
+            log.warning("unexpected message layout; publishing through kombu")
+            return None
+        return stamper
+
+    def _template(self, queue: str) -> tuple[str, str, str]:
+        """(Redis key, envelope JSON, body JSON) with placeholders, for one queue."""
+        if queue not in self._templates:
+            from kombu.entity import PERSISTENT_DELIVERY_MODE
+            from kombu.serialization import dumps as serialize
+            from kombu.utils.json import dumps as envelope_json
+
+            message = self.app.amqp.as_task_v2(
+                self.TASK_ID, self.name, args=[self.ARG], argsrepr=f"['{self.ARG}']", kwargsrepr="{}",
+                origin=anon_nodename(), ignore_result=bool(self.app.conf.task_ignore_result))
+            message.headers[PUBLISHED_AT] = self.published
+            content_type, content_encoding, body = serialize(message.body, serializer="json")  # type: ignore[no-untyped-call]
+            properties = {**message.properties, "delivery_mode": PERSISTENT_DELIVERY_MODE}
+            envelope = self.channel.prepare_message(body, 0, content_type, content_encoding, message.headers,
+                                                    properties)
+            self.channel._inplace_augment_message(envelope, "", queue)
+            if envelope["properties"].get("body_encoding") != "base64":
+                raise ValueError(f"body encoding {envelope['properties'].get('body_encoding')!r}, not base64")
+            envelope["body"] = self.BODY
+            envelope["properties"]["delivery_tag"] = self.TAG
+            key = self.channel._q_for_pri(queue, envelope["properties"].get("priority") or 0)
+            text = body.decode() if isinstance(body, bytes) else str(body)
+            self._templates[queue] = (key, envelope_json(envelope), text)  # type: ignore[no-untyped-call]
+        return self._templates[queue]
+
+    def push(self, items: list[tuple[uuid.UUID, str]]) -> None:
+        """LPUSH each (intent id, queue) message, PUBLISH_BATCH to a pipeline."""
+        import base64
+
+        task_ids, tags = _task_ids(len(items)), _task_ids(len(items))
+        for start in range(0, len(items), PUBLISH_BATCH):
+            pipe = self.channel.client.pipeline(transaction=False)
+            for i in range(start, min(start + PUBLISH_BATCH, len(items))):
+                intent_id, queue = items[i]
+                key, envelope, body = self._template(queue)
+                arg = str(intent_id)
+                encoded = base64.b64encode(body.replace(self.ARG, arg).encode()).decode()
+                pipe.lpush(key, envelope.replace(self.TASK_ID, task_ids[i]).replace(self.ARG, arg)
+                           .replace(self.TAG, tags[i]).replace(self.BODY, encoded))
+            pipe.execute()

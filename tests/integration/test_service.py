@@ -208,10 +208,8 @@ def test_a_refused_key_pauses_the_target_and_its_intents_wait_until_resumed(
     assert all(v.status in (Status.waiting, Status.queued) for v in views)
     assert simulator.stats()["hostup"]["401"] <= 2  # the target stopped; intents did not each burn attempts
     simulator.configure(hostup_key="test-hostup-key-0123456789abcdef")
-    rt.service.resume_target("hostup", actor="test")
-    rt.store.update_intent(first, next_attempt_at=rt.service.clock())
-    rt.store.update_intent(second, next_attempt_at=rt.service.clock())
-    views = wait_terminal(rt, [first, second])
+    assert rt.service.resume_target("hostup", actor="test") == 2
+    views = wait_terminal(rt, [first, second], timeout=10)
     assert [v.status for v in views] == [Status.succeeded, Status.succeeded]
 
 
