@@ -289,12 +289,12 @@ def test_a_worker_whose_lease_was_recovered_meanwhile_sends_nothing(
     intent_id = submit(slow, target="hostup", topic="vps")
     take_token = slow.service._take_token
 
-    def stalled(target: Any) -> None:  # the slow worker stalls past its lease; another takes the intent
+    def stalled(target: Any, *args: Any, **kwargs: Any) -> Any:  # stalls past its lease; another takes it
         slow.store.update_intent(intent_id, lease_until=slow.service.clock() - timedelta(seconds=1))
         assert other.service.schedule_once()["recovered"] == 1
         assert other.store.claim(intent_id, statuses=DUE_STATUSES, to=Status.sending, now=other.service.clock(),
                                  lease_s=30, worker="other-worker") is not None
-        take_token(target)
+        return take_token(target, *args, **kwargs)
 
     slow.service._take_token = stalled  # type: ignore[method-assign]
     slow.service.dispatch(intent_id)
