@@ -267,8 +267,7 @@ def simulate(host: str, port: int, config_json: Path | None) -> None:
 def submit(json_input: Any, output: str, label: tuple[str, ...], cc: tuple[str, ...], dry_run: bool,
            **fields: Any) -> None:
     """Submit one intent from flags or JSON; prints its id and status."""
-    from dispatcher.queue import EnqueueFailed
-    from dispatcher.runtime import build_runtime
+    from dispatcher.runtime import build_cli_runtime
 
     data: Any = json.load(json_input) if json_input else {}
     if not isinstance(data, dict):
@@ -288,16 +287,7 @@ def submit(json_input: Any, output: str, label: tuple[str, ...], cc: tuple[str, 
         data["labels"] = dict(item.split("=", 1) for item in label)
     config = _config()
 
-    class HandOver:
-        """Embedded mode: leave the message to the running `dispatcher run`'s scheduler."""
-
-        def enqueue(self, *_: Any, **__: Any) -> None:
-            raise EnqueueFailed("no broker: the scheduler of `dispatcher run` picks it up", expected=True)
-
-        def enqueue_many(self, *_: Any, **__: Any) -> None:
-            raise EnqueueFailed("no broker: the scheduler of `dispatcher run` picks it up", expected=True)
-
-    runtime = build_runtime(config, queue=None if config.settings.broker_url else HandOver())
+    runtime = build_cli_runtime(config)
     try:
         if dry_run:
             _print_plan(runtime.service.preview(data), output)
@@ -398,10 +388,10 @@ def intents() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def intents_show(intent_id: str, as_json: bool) -> None:
     """One intent with its attempts."""
-    from dispatcher.runtime import build_runtime
+    from dispatcher.runtime import build_cli_runtime
 
     config = _config()
-    runtime = build_runtime(config, queue=_NoQueue())
+    runtime = build_cli_runtime(config)
     try:
         view = runtime.service.get(uuid.UUID(intent_id), with_attempts=True)
         events = runtime.store.events(view.id)
@@ -417,13 +407,6 @@ def intents_show(intent_id: str, as_json: bool) -> None:
 
     console.print(render_intent(view, events))
 
-
-class _NoQueue:
-    def enqueue(self, *_: Any, **__: Any) -> None:
-        raise RuntimeError("read-only command")
-
-    def enqueue_many(self, *_: Any, **__: Any) -> None:
-        raise RuntimeError("read-only command")
 
 
 

@@ -58,10 +58,10 @@ def check_broker(config: AppConfig) -> Check:
     url = config.settings.broker_url
     if not url:
         return Check("broker", True, "none configured: the embedded in-process queue (`dispatcher run`)")
-    from sqlalchemy.engine import make_url
+    from urllib.parse import urlsplit
 
-    shown = make_url(url.replace("redis://", "postgresql://", 1)).render_as_string(hide_password=True)
-    shown = shown.replace("postgresql://", "redis://", 1).replace("***", "<secret>")
+    parts = urlsplit(url)
+    shown = url.replace(f":{parts.password}@", ":<secret>@", 1) if parts.password else url
     try:
         import redis
 

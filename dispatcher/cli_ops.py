@@ -32,7 +32,6 @@ from dispatcher.cli import (
 )
 from dispatcher.errors import IntentInvalid, UnknownIntent
 from dispatcher.operations import EDITABLE, IntentFilter, OperationRefused, Operations
-from dispatcher.queue import EnqueueFailed
 from dispatcher.render import status_text
 
 _SINCE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)$")
@@ -53,22 +52,11 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-class _HandOver:
-    """Embedded mode: leave the message to the running ``dispatcher run``'s scheduler."""
-
-    def enqueue(self, *_: Any, **__: Any) -> None:
-        raise EnqueueFailed("no broker: the scheduler of `dispatcher run` picks it up", expected=True)
-
-    def enqueue_many(self, *_: Any, **__: Any) -> None:
-        raise EnqueueFailed("no broker: the scheduler of `dispatcher run` picks it up", expected=True)
-
-
 @contextmanager
 def operations() -> Iterator[Operations]:
-    from dispatcher.runtime import build_runtime
+    from dispatcher.runtime import build_cli_runtime
 
-    config = _config()
-    runtime = build_runtime(config, queue=None if config.settings.broker_url else _HandOver())
+    runtime = build_cli_runtime(_config())
     try:
         yield Operations(runtime.service)
     finally:

@@ -40,7 +40,6 @@ from dispatcher.intake.batch import (
     render_report,
     report_format,
 )
-from dispatcher.queue import EnqueueFailed
 from dispatcher.service import Dispatcher, ItemResult, ItemStatus, Valid
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 4
@@ -63,16 +62,6 @@ class ImportOptions:
     timeout_s: float = 600.0
     report: Path | None = None
     submitted_by: str | None = None
-
-
-class HandOverQueue:
-    """Embedded mode (no broker): stored intents are left to the scheduler of ``dispatcher run``."""
-
-    def enqueue(self, *_: Any, **__: Any) -> None:
-        raise EnqueueFailed("no broker: the scheduler of `dispatcher run` picks it up", expected=True)
-
-    def enqueue_many(self, *_: Any, **__: Any) -> None:
-        raise EnqueueFailed("no broker: the scheduler of `dispatcher run` picks them up", expected=True)
 
 
 @dataclass
@@ -107,10 +96,9 @@ def run_import(config: AppConfig, opts: ImportOptions, console: Console, err: Co
         err.print(f"[bold red]cannot read {opts.path}:[/] {exc.strerror or exc}\nnothing was stored", highlight=False)
         return EXIT_USAGE
 
-    from dispatcher.runtime import build_runtime
+    from dispatcher.runtime import build_cli_runtime
 
-    queue: Any = None if config.settings.broker_url else HandOverQueue()
-    runtime = build_runtime(config, queue=queue)
+    runtime = build_cli_runtime(config)
     try:
         return _import(runtime.service, batch, opts, report_fmt, console, err)
     except (DBAPIError, StoreUnavailable) as exc:  # after the batch was stored (its failure is caught below)
@@ -401,4 +389,4 @@ def _plan_table(plans: Sequence[TargetPlan]) -> Table:
     return table
 
 
-__all__ = ["HandOverQueue", "ImportOptions", "run_import"]
+__all__ = ["ImportOptions", "run_import"]

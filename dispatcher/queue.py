@@ -37,6 +37,17 @@ class TaskQueue(Protocol):
         """Publish many at once (batch intake)."""
 
 
+class HandOverQueue:
+    """No broker, and no in-process workers here (the CLI, a producer): stored intents are left to
+    the scheduler of a running ``dispatcher run``, which publishes what was never enqueued."""
+
+    def enqueue(self, *_: object, **__: object) -> None:
+        raise EnqueueFailed("no broker: the scheduler of `dispatcher run` picks it up", expected=True)
+
+    def enqueue_many(self, *_: object, **__: object) -> None:
+        raise EnqueueFailed("no broker: the scheduler of `dispatcher run` picks them up", expected=True)
+
+
 class InProcessQueue:
     """Threads and a timer heap: the embedded default's broker. Lost on exit, like a flushed Redis."""
 

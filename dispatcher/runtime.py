@@ -89,6 +89,14 @@ def build_runtime(config: AppConfig, *, queue: TaskQueue | None = None, limiter:
     return runtime
 
 
+def build_cli_runtime(config: AppConfig) -> Runtime:
+    """A runtime for a short-lived command: Celery when a broker is configured, else a hand-over to
+    the running scheduler (never in-process workers that would die with the command)."""
+    from dispatcher.queue import HandOverQueue
+
+    return build_runtime(config, queue=None if config.settings.broker_url else HandOverQueue())
+
+
 def run_task(service: Dispatcher, task: str, intent_id: Any) -> None:
     from dispatcher.queue import DISPATCH
 

@@ -142,3 +142,20 @@ def make_config(sim: RunningSimulator, *, database_url: str | None = None, broke
     data = {"targets": target_table(sim, **target_overrides), "api": tokens_table(),
             "scheduler": scheduler or {"interval_s": 0.2, "requeue_after_s": 5}}
     return parse_config(data, Settings(database_url=database_url, broker_url=broker_url), env=secrets_env())
+
+
+@pytest.fixture
+def make_runtime(database_url: str) -> Iterator[Any]:
+    """Build services with ``build_runtime(config, **kwargs)``; all are closed after the test."""
+    from dispatcher.runtime import Runtime, build_runtime
+
+    runtimes: list[Runtime] = []
+
+    def factory(config: AppConfig, **kwargs: Any) -> Runtime:
+        rt = build_runtime(config, **kwargs)
+        runtimes.append(rt)
+        return rt
+
+    yield factory
+    for rt in runtimes:
+        rt.close()

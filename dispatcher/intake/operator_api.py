@@ -118,10 +118,7 @@ def add_operator_routes(app: FastAPI, service: Dispatcher, authorize: Callable[[
     async def bulk_retry(request: Request) -> Response:
         who = authorize(request, "operator")
         body: BulkRetryBody = await body_of(request, BulkRetryBody)
-        flt = IntentFilter(status=tuple(body.filter.status), target=body.filter.target,
-                           provider=body.filter.provider, source=body.filter.source, since=body.filter.since,
-                           error_code=body.filter.error_code, group_key=body.filter.group_key,
-                           text=body.filter.text)
+        flt = IntentFilter(**{**body.filter.model_dump(), "status": tuple(body.filter.status)})
         chosen = await act(ops.find_all, flt, cap=body.limit)
         retried: list[str] = []
         refused: list[dict[str, str]] = []

@@ -401,7 +401,7 @@ def test_bulk_published_messages_are_the_messages_send_task_publishes(
 
 def test_on_the_embedded_sqlite_default_a_batch_keeps_replays_and_duplicates_apart(
         tmp_path: Path, simulator: RunningSimulator) -> None:
-    from dispatcher.importer import HandOverQueue
+    from dispatcher.queue import HandOverQueue
 
     config = make_config(simulator, database_url=f"sqlite:///{tmp_path / 'embedded.db'}")
     runtime = build_runtime(config, queue=HandOverQueue())

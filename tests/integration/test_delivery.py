@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -20,7 +19,7 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from dispatcher.config import AppConfig, Settings, parse_config
+from dispatcher.config import Settings, parse_config
 from dispatcher.domain import DUE_STATUSES, IntentView, Status
 from dispatcher.intake.api import create_app
 from dispatcher.runtime import Runtime, build_runtime
@@ -41,20 +40,6 @@ class Swallow:
 
     def enqueue_many(self, task: str, items: list[tuple[uuid.UUID, str]]) -> None:
         self.sent.extend((task, intent_id, 0.0) for intent_id, _ in items)
-
-
-@pytest.fixture
-def make_runtime(database_url: str) -> Iterator[Any]:
-    runtimes: list[Runtime] = []
-
-    def factory(config: AppConfig, **kwargs: Any) -> Runtime:
-        rt = build_runtime(config, **kwargs)
-        runtimes.append(rt)
-        return rt
-
-    yield factory
-    for rt in runtimes:
-        rt.close()
 
 
 def submit(rt: Runtime, **fields: Any) -> uuid.UUID:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,11 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from dispatcher import metrics
-from dispatcher.config import AppConfig
 from dispatcher.domain import IntentView
 from dispatcher.health import SCHEDULER, STALE_AFTER_S, WORKER, Heartbeat
 from dispatcher.intake.api import create_app
-from dispatcher.runtime import Runtime, build_runtime
+from dispatcher.runtime import Runtime
 from dispatcher.scheduler import start_in_thread
 from dispatcher.simulator import RunningSimulator
 from dispatcher.store import db
@@ -61,20 +59,6 @@ def total(samples: Samples, name: str, **labels: str) -> float:
 
 def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return total(after, name, **labels) - total(before, name, **labels)
-
-
-@pytest.fixture
-def make_runtime(database_url: str) -> Iterator[Any]:
-    runtimes: list[Runtime] = []
-
-    def factory(config: AppConfig) -> Runtime:
-        rt = build_runtime(config)
-        runtimes.append(rt)
-        return rt
-
-    yield factory
-    for rt in runtimes:
-        rt.close()
 
 
 def wait_terminal(rt: Runtime, ids: list[uuid.UUID], timeout: float = 30.0) -> list[IntentView]:

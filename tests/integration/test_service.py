@@ -8,35 +8,19 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
-from dispatcher.config import AppConfig
 from dispatcher.domain import IntentView, Status
 from dispatcher.errors import IntentInvalid
 from dispatcher.queue import EnqueueFailed
-from dispatcher.runtime import Runtime, build_runtime
+from dispatcher.runtime import Runtime
 from dispatcher.simulator import RunningSimulator
 from dispatcher.store.tables import AttemptRow, IntentRow
 from tests.conftest import make_config
-
-
-@pytest.fixture
-def make_runtime(database_url: str) -> Iterator[Any]:
-    runtimes: list[Runtime] = []
-
-    def factory(config: AppConfig, **kwargs: Any) -> Runtime:
-        rt = build_runtime(config, **kwargs)
-        runtimes.append(rt)
-        return rt
-
-    yield factory
-    for rt in runtimes:
-        rt.close()
 
 
 def wait_terminal(rt: Runtime, ids: list[uuid.UUID], timeout: float = 30.0,
