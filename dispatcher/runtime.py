@@ -25,9 +25,16 @@ from dispatcher.store.repo import Store
 log = logging.getLogger(__name__)
 
 
-def transport_for(target: TargetConfig) -> HttpTransport:
+#: database connections a worker's threads share, at most (most of a thread's time is spent waiting
+#: on the provider, not the database); the pool grows by as many again under bursts
+DB_POOL_MAX = 10
+
+
+def transport_for(target: TargetConfig, connections: int = 100) -> HttpTransport:
+    """``connections``: kept-alive connections to the target, one per thread that may send at once."""
     return HttpTransport(target.base_url, target.api_key.get_secret_value(),
-                         timeout=httpx.Timeout(target.timeout_s, connect=target.connect_timeout_s))
+                         timeout=httpx.Timeout(target.timeout_s, connect=target.connect_timeout_s),
+                         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))
 
 
 def adapter_for(target: TargetConfig) -> ProviderAdapter:
@@ -56,12 +63,20 @@ class Runtime:
 
 def build_runtime(config: AppConfig, *, queue: TaskQueue | None = None, limiter: Limiter | None = None,
                   worker: str | None = None, migrate_sqlite: bool = True, threads: int = 4,
-                  rng: random.Random | None = None) -> Runtime:
-    """Assemble a service. Without a broker the in-process queue is used and started here."""
+                  rng: random.Random | None = None, concurrency: int | None = None) -> Runtime:
+    """Assemble a service. Without a broker the in-process queue is used and started here.
+
+    ``concurrency``: the threads of a worker process that will call the service at once; sizes its
+    database pool and HTTP connection pools, and drops the pool's pre-ping (see ``db.make_engine``)."""
     url = config.settings.resolved_database_url()
     if migrate_sqlite and url.startswith("sqlite"):
         db.upgrade(url)
-    engine = db.make_engine(url)
+    if concurrency is None:
+        engine = db.make_engine(url)
+    else:
+        size = max(1, min(concurrency, DB_POOL_MAX))
+        engine = db.make_engine(url, pool_size=size, max_overflow=size, pre_ping=False)
+    connections = max(concurrency or 0, 100)
     store = Store(engine)
     holder: dict[str, Dispatcher] = {}
     in_process: InProcessQueue | None = None
@@ -79,7 +94,8 @@ def build_runtime(config: AppConfig, *, queue: TaskQueue | None = None, limiter:
         shared = limiter_for(config)
         closers.append(shared.close)
         limiter = shared
-    service = Dispatcher(config, store, queue, transport_for=transport_for, adapter_for=adapter_for,
+    service = Dispatcher(config, store, queue, transport_for=lambda target: transport_for(target, connections),
+                         adapter_for=adapter_for,
                          limiter=limiter, worker=worker or config.settings.worker_name, rng=rng)
     holder["service"] = service
     runtime = Runtime(config=config, service=service, store=store, queue=queue, closers=closers)

@@ -65,6 +65,7 @@ class HttpTransport:
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         user_agent: str = DEFAULT_USER_AGENT,
         transport: httpx.BaseTransport | None = None,
+        limits: httpx.Limits = httpx.Limits(max_connections=100, max_keepalive_connections=100),
     ) -> None:
         url = httpx.URL(base_url)
         if url.scheme not in {"http", "https"} or not url.host:
@@ -79,6 +80,7 @@ class HttpTransport:
             timeout=timeout,
             follow_redirects=False,
             transport=transport,
+            limits=limits,
             headers={
                 "Authorization": f"Bearer {api_key}",
                 "Accept": "application/json",

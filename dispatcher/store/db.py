@@ -24,8 +24,14 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def make_engine(url: str, *, pool_size: int = 5, pooled: bool = True) -> Engine:
-    """``pooled=False``: a connection per use, none kept (a heartbeat thread in a process that forks)."""
+def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10, pooled: bool = True,
+                pre_ping: bool = True) -> Engine:
+    """``pooled=False``: a connection per use, none kept (a heartbeat thread in a process that forks).
+
+    ``pre_ping=False`` saves a round trip per checkout, for a process that checks connections out
+    many times a second (a worker): a connection that died with a database restart then fails its
+    first statement instead, which invalidates the whole pool, and the task is retried (as it is
+    during the outage itself)."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -41,7 +47,7 @@ def make_engine(url: str, *, pool_size: int = 5, pooled: bool = True) -> Engine:
         return engine
     if not pooled:
         return create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 5})
-    return create_engine(url, pool_size=pool_size, max_overflow=10, pool_pre_ping=True,
+    return create_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=pre_ping,
                          connect_args={"connect_timeout": 5})
 
 

@@ -8,6 +8,7 @@ delivered twice, or two schedulers, cannot both win: the second finds nothing to
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -35,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.domain import (
@@ -72,6 +73,34 @@ _MAYBE_MADE = and_(
     or_(AttemptRow.verdict.is_(None), AttemptRow.verdict.in_(("unknown", "done", "poll")),
         and_(AttemptRow.verdict == "retry",
              or_(AttemptRow.status_code.is_(None), AttemptRow.status_code.in_((500, 502, 504))))))
+
+
+# -- the worker's hot path: statements built once --------------------------------------------------
+# Building a statement (and its cache key) costs more CPU than running it; these are built once and
+# executed with parameters. Parameters named after a column set it (UPDATE ... SET, INSERT values);
+# ``b_*`` parameters are the WHERE clause's.
+_INTENTS = cast(Table, IntentRow.__table__)
+_ATTEMPTS = cast(Table, AttemptRow.__table__)
+_EVENTS = cast(Table, EventRow.__table__)
+_STATES = cast(Table, TargetStateRow.__table__)
+_CLAIM = (update(_INTENTS)
+          .where(_INTENTS.c.id == bindparam("b_id"),
+                 _INTENTS.c.status.in_(bindparam("b_statuses", expanding=True)),
+                 _INTENTS.c.next_attempt_at <= bindparam("b_now"),
+                 or_(_INTENTS.c.lease_until.is_(None), _INTENTS.c.lease_until < bindparam("b_now")))
+          .values(deliveries=_INTENTS.c.deliveries + 1)
+          .returning(*_INTENTS.c, select(_STATES.c.paused)
+                     .where(_STATES.c.name == _INTENTS.c.target, _STATES.c.paused.is_(True))
+                     .exists().label("target_paused")))
+_UPDATE_LEASED = update(_INTENTS).where(_INTENTS.c.id == bindparam("b_id"),
+                                        _INTENTS.c.leased_by == bindparam("b_worker"))
+_INSERT_ATTEMPT = insert(_ATTEMPTS).returning(_ATTEMPTS.c.id)
+_UPDATE_ATTEMPT = update(_ATTEMPTS).where(_ATTEMPTS.c.id == bindparam("b_id"))
+_INSERT_EVENT = insert(_EVENTS)
+_INSERT_TICKET = {
+    "postgresql": pg_insert(cast(Table, TicketRow.__table__)).on_conflict_do_nothing(),
+    "sqlite": sqlite_insert(cast(Table, TicketRow.__table__)).on_conflict_do_nothing(),
+}
 
 
 def excerpt(text: str | bytes | None, limit: int = EXCERPT_MAX) -> str | None:
@@ -133,6 +162,7 @@ class Store:
         self.engine = engine
         self.sessions = sessionmaker(engine, expire_on_commit=False)
         self.skip_locked = not is_sqlite(engine)
+        self._local = threading.local()
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -276,40 +306,51 @@ class Store:
     def claim(self, intent_id: uuid.UUID, *, statuses: Iterable[Status], to: Status, now: datetime,
               lease_s: float, worker: str) -> IntentView | None:
         """Take the intent if it is in one of ``statuses``, due, and not leased by a live worker."""
-        values: dict[str, Any] = {"lease_until": now + timedelta(seconds=lease_s), "leased_by": worker,
-                                  "updated_at": now, "status": to.value,
-                                  "deliveries": IntentRow.deliveries + 1}
-        stmt = (update(IntentRow)
-                .where(IntentRow.id == intent_id,
-                       IntentRow.status.in_([s.value for s in statuses]),
-                       IntentRow.next_attempt_at <= now,
-                       or_(IntentRow.lease_until.is_(None), IntentRow.lease_until < now))
-                .values(**values)
-                .returning(IntentRow.id))
-        with self.session() as s, s.begin():
-            claimed = s.scalar(stmt)
-            if claimed is None:
-                return None
-            row = s.get(IntentRow, intent_id, populate_existing=True)
-            assert row is not None
-            return self._view(s, row)
+        claimed = self.claim_due(intent_id, statuses=statuses, to=to, now=now, lease_s=lease_s, worker=worker)
+        return claimed[0] if claimed else None
+
+    def claim_due(self, intent_id: uuid.UUID, *, statuses: Iterable[Status], to: Status, now: datetime,
+                  lease_s: float, worker: str) -> tuple[IntentView, bool] | None:
+        """:meth:`claim`, and whether the intent's target is paused, in one statement (the hot path:
+        a worker asks both for every message). The view carries no ticket: a claimable intent has
+        none of its own, and nothing on the dispatch path reads it."""
+        params = {"b_id": intent_id, "b_statuses": [s.value for s in statuses], "b_now": now,
+                  "lease_until": now + timedelta(seconds=lease_s), "leased_by": worker, "updated_at": now,
+                  "status": to.value}
+        with self.engine.begin() as conn:
+            row = conn.execute(_CLAIM, params).first()
+        if row is None:
+            return None
+        return intent_view(cast(Any, row)), bool(row.target_paused)
 
     def release(self, intent_id: uuid.UUID, worker: str, *, status: Status, now: datetime,
-                event: tuple[str, str, dict[str, Any] | None] | None = None, **values: Any) -> bool:
-        """Leave the intent in ``status`` with ``values``; only the lease holder may (returns False if lost)."""
+                event: tuple[str, str, dict[str, Any] | None] | None = None,
+                ticket: dict[str, Any] | None = None, **values: Any) -> bool:
+        """Leave the intent in ``status`` with ``values``; only the lease holder may (returns False if lost).
+
+        ``ticket``: the ticket the intent made, recorded in the same transaction whether or not the
+        lease is still held (the ticket exists at the provider either way; a redelivery that finds it
+        recorded already changes nothing).
+        """
         values.update(status=status.value, lease_until=None, leased_by=None, updated_at=now)
         if status in (Status.succeeded, Status.failed, Status.cancelled):
             values.setdefault("finished_at", now)
             values.setdefault("next_attempt_at", None)
-        with self.session() as s, s.begin():
-            result = s.execute(update(IntentRow)
-                               .where(IntentRow.id == intent_id, IntentRow.leased_by == worker)
-                               .values(**values))
-            if result.rowcount == 0:  # type: ignore[attr-defined]
+        with self.engine.begin() as conn:
+            self._flush_pending(conn)
+            if ticket is not None:
+                self._insert_ticket(conn, {"intent_id": intent_id, "created_at": now, **ticket})
+            result = conn.execute(_UPDATE_LEASED, {"b_id": intent_id, "b_worker": worker, **values})
+            if result.rowcount == 0:
                 return False
             if event:
-                s.add(EventRow(intent_id=intent_id, at=now, kind=event[0], message=event[1], data=event[2]))
+                conn.execute(_INSERT_EVENT, {"intent_id": intent_id, "at": now, "kind": event[0], "message": event[1],
+                                             "data": event[2], "actor": None})
             return True
+
+    def _insert_ticket(self, conn: Connection, values: dict[str, Any]) -> None:
+        """Insert a ticket row unless the intent's ticket (or this provider ticket) is recorded already."""
+        conn.execute(_INSERT_TICKET[self.engine.dialect.name], values)
 
     def update_intent(self, intent_id: uuid.UUID, **values: Any) -> None:
         with self.session() as s, s.begin():
@@ -324,38 +365,84 @@ class Store:
 
     def begin_attempt(self, intent_id: uuid.UUID, *, number: int | None, op: str, method: str, path: str,
                       request: dict[str, Any] | None, worker: str, now: datetime,
-                      lease_s: float | None = None) -> int:
+                      lease_s: float | None = None, intent_values: Mapping[str, Any] | None = None,
+                      event: tuple[str, str] | None = None) -> int:
         """Record an exchange before it is sent, so a lost answer leaves a trace to reconcile.
 
         With ``lease_s``: only while ``worker`` still holds the intent's lease, renewed for ``lease_s``
         in the same transaction. A worker presumed dead (its lease expired, the intent was recovered
         and may be with another worker now) must send nothing more for it (:class:`LeaseLost`), and a
         worker busy with many exchanges for one intent (a reconcile reading pages) keeps its lease.
+        ``intent_values`` and ``event`` (e.g. the department just resolved, and why) are written in
+        the same transaction, under the same lease check.
         """
-        with self.session() as s, s.begin():
-            if lease_s is not None:
-                held = s.execute(update(IntentRow).where(IntentRow.id == intent_id, IntentRow.leased_by == worker)
-                                 .values(lease_until=now + timedelta(seconds=lease_s)))
-                if held.rowcount == 0:  # type: ignore[attr-defined]
+        with self.engine.begin() as conn:
+            self._flush_pending(conn)
+            if lease_s is not None or intent_values:
+                changes: dict[str, Any] = dict(intent_values or {})
+                if lease_s is not None:
+                    changes["lease_until"] = now + timedelta(seconds=lease_s)
+                held = conn.execute(_UPDATE_LEASED, {"b_id": intent_id, "b_worker": worker, **changes})
+                if held.rowcount == 0 and lease_s is not None:
                     raise LeaseLost(f"intent {intent_id} is no longer leased by {worker}: not sending")
-            row = AttemptRow(intent_id=intent_id, number=number, op=op, method=method, path=path[:500],
-                             request=request, worker=worker, started_at=now)
-            s.add(row)
-            s.flush()
-            return row.id
+            attempt_id = conn.execute(_INSERT_ATTEMPT, {
+                "intent_id": intent_id, "number": number, "op": op, "method": method, "path": path[:500],
+                "request": request, "worker": worker, "started_at": now}).scalar_one()
+            if event is not None:
+                conn.execute(_INSERT_EVENT, {"intent_id": intent_id, "at": now, "kind": event[0], "message": event[1],
+                                             "data": None, "actor": None})
+            return int(attempt_id)
 
     def finish_attempt(self, attempt_id: int, **values: Any) -> None:
+        """Complete an exchange's record: at once, or (inside :meth:`deferring`) with this thread's next
+        write, in its transaction."""
         if "response_excerpt" in values:
             values["response_excerpt"] = excerpt(values["response_excerpt"])
         if values.get("error_message"):
             values["error_message"] = excerpt(values["error_message"])
-        with self.session() as s, s.begin():
-            s.execute(update(AttemptRow).where(AttemptRow.id == attempt_id).values(**values))
+        pending: list[tuple[int, dict[str, Any]]] | None = getattr(self._local, "pending", None)
+        if pending is not None:
+            pending.append((attempt_id, values))
+            return
+        with self.engine.begin() as conn:
+            self._finish_attempts(conn, [(attempt_id, values)])
+
+    @contextmanager
+    def deferring(self) -> Iterator[None]:
+        """Within: completed exchanges are written with this thread's next write, not each in a
+        transaction of its own (the worker's hot path: what follows an answer is always a write, so
+        the record and the intent's next state commit together). On the way out, whatever is still
+        pending is written. A crash before that leaves the exchange unfinished on record, which is
+        read as "may have reached the provider": reconciled, never resent blindly."""
+        outer = getattr(self._local, "pending", None)
+        if outer is not None:  # nested: the outer block flushes
+            yield
+            return
+        self._local.pending = []
+        try:
+            yield
+        finally:
+            pending, self._local.pending = self._local.pending, None
+            if pending:
+                with self.engine.begin() as conn:
+                    self._finish_attempts(conn, pending)
+
+    def _flush_pending(self, conn: Connection) -> None:
+        pending: list[tuple[int, dict[str, Any]]] | None = getattr(self._local, "pending", None)
+        if pending:
+            self._finish_attempts(conn, pending)
+            pending.clear()
+
+    @staticmethod
+    def _finish_attempts(conn: Connection, items: list[tuple[int, dict[str, Any]]]) -> None:
+        for attempt_id, values in items:
+            conn.execute(_UPDATE_ATTEMPT, {"b_id": attempt_id, **values})
 
     def abandon_attempts(self, intent_id: uuid.UUID, *, now: datetime, error: str) -> bool:
         """An error cut the dispatch short: close its open exchanges as unknown, and say whether any
         create or reply on record may have made something (reconcile before sending again)."""
         with self.session() as s, s.begin():
+            self._flush_pending(s.connection())
             s.execute(update(AttemptRow).where(AttemptRow.intent_id == intent_id, AttemptRow.verdict.is_(None))
                       .values(verdict="unknown", error_code="internal", error_message=excerpt(error),
                               finished_at=now))
@@ -376,14 +463,10 @@ class Store:
 
     def record_ticket(self, intent: IntentView, *, provider_id: str, number: str | None, url: str | None,
                       department: str | None, now: datetime) -> None:
-        with self.session() as s, s.begin():
-            try:
-                with s.begin_nested():
-                    s.add(TicketRow(intent_id=intent.id, target=intent.target, provider=intent.provider.value,
-                                    provider_ticket_id=provider_id, number=number, url=url,
-                                    department=department, created_at=now))
-            except IntegrityError:  # already recorded (a redelivery after the ticket was stored)
-                pass
+        with self.engine.begin() as conn:
+            self._insert_ticket(conn, {"intent_id": intent.id, "target": intent.target,
+                                       "provider": intent.provider.value, "provider_ticket_id": provider_id,
+                                       "number": number, "url": url, "department": department, "created_at": now})
 
     def ticket_of(self, intent_id: uuid.UUID) -> TicketView | None:
         with self.session() as s:

@@ -36,7 +36,7 @@ def runtime() -> Runtime:
     if "runtime" not in _state:
         config: AppConfig = _state["config"]
         _state["runtime"] = build_runtime(config, queue=CeleryQueue(_state["app"]), migrate_sqlite=False,
-                                          worker=lease_holder(config))
+                                          worker=lease_holder(config), concurrency=_state.get("threads", 1))
     rt: Runtime = _state["runtime"]
     return rt
 
@@ -118,9 +118,11 @@ def _on_shutdown(**_: Any) -> None:
         server.shutdown()
 
 
-def create_worker_app(config: AppConfig) -> Celery:
-    """The Celery app with the dispatcher's tasks registered."""
+def create_worker_app(config: AppConfig, *, threads: int = 1) -> Celery:
+    """The Celery app with the dispatcher's tasks registered. ``threads``: how many of them run at
+    once in one process (the thread pool's concurrency; 1 for prefork and solo)."""
     app = make_celery(config)
+    _state["threads"] = threads
     free_prefetch_slots_when_acks_fail()
     _state["config"] = config
     _state["app"] = app
