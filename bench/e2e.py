@@ -175,9 +175,9 @@ def start_profiler(args: argparse.Namespace, proc: Proc, workdir: Path, name: st
     out = args.profile / f"{name}.txt"
     pid = max(group_pids(proc.popen.pid))  # the busiest process is the pool's (prefork: one child)
     pid = proc.popen.pid if len(group_pids(proc.popen.pid)) == 1 else pid
-    popen = subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--nonblocking", "--gil",
-                              "--output", str(out)], stdout=subprocess.DEVNULL, stderr=(workdir / f"{name}.spy.log")
-                             .open("wb"))
+    argv = [spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--nonblocking", "--gil",
+            "--output", str(out)]
+    popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=(workdir / f"{name}.spy.log").open("wb"))
     time.sleep(0.5)
     return popen, out
 
@@ -364,13 +364,16 @@ def run_dispatcher(args: argparse.Namespace, latency: int, sim: Simulator, redis
                                     (list(DISPATCHER_TABLES),)).fetchone()
                 assert stored is not None and size is not None and succeeded is not None
                 by_status = dict(conn.execute("SELECT status, count(*) FROM intents GROUP BY status").fetchall())
+                sizes = conn.execute("SELECT t, pg_total_relation_size(t::regclass) FROM unnest(%s::text[]) t",
+                                     (list(DISPATCHER_TABLES),)).fetchall()
+                by_table = {t: round(int(n) / int(stored[0])) for t, n in sizes}
         finally:
             producer.close()
             for proc in procs:
                 proc.stop()
     return result("dispatcher", latency, args, times, began, ended, int(succeeded[0]), own, pg, simcpu, rss,
                   latencies, float(size[0]) / int(stored[0]), int(stored[1]) / int(stored[0]),
-                  {"statuses": by_status, "cpu_s": meter.by_process})
+                  {"statuses": by_status, "cpu_s": meter.by_process, "bytes_per_intent": by_table})
 
 
 # -- the baseline ------------------------------------------------------------------------------------

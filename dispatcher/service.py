@@ -50,7 +50,7 @@ from dispatcher.providers.base import (
     Verdict,
 )
 from dispatcher.queue import DISPATCH, POLL, EnqueueFailed, TaskQueue
-from dispatcher.routing import Route, check_topic, merged_routes, resolve
+from dispatcher.routing import Resolution, Route, check_topic, merged_routes, resolve
 from dispatcher.store.groups import GroupStore
 from dispatcher.store.repo import LeaseLost, Store
 from dispatcher.store.tables import EventRow, IntentRow
@@ -239,6 +239,8 @@ class Dispatcher:
         self._adapters: dict[str, ProviderAdapter] = {}
         self._lock = threading.Lock()
         self._routes_cache: dict[str, Mapping[str, Route]] = {}
+        #: when this thread took the lease of the intent it works on (monotonic; None: not known)
+        self._claimed = threading.local()
 
     # -- wiring --------------------------------------------------------------------------------
 
@@ -358,12 +360,21 @@ class Dispatcher:
 
     def dispatch(self, intent_id: uuid.UUID) -> None:
         """Resolve, send and record one intent, if it is due and nobody else holds it."""
+        with self.store.deferring():
+            try:
+                self._dispatch(intent_id)
+            finally:
+                self._claimed.at = None
+
+    def _dispatch(self, intent_id: uuid.UUID) -> None:
         now = self.clock()
-        intent = self.store.claim(intent_id, statuses=DUE_STATUSES, to=Status.sending, now=now,
-                                  lease_s=self.config.scheduler.lease_s, worker=self.worker)
-        if intent is None:
+        claimed = self.store.claim_due(intent_id, statuses=DUE_STATUSES, to=Status.sending, now=now,
+                                       lease_s=self.config.scheduler.lease_s, worker=self.worker)
+        if claimed is None:
             self._requeue_if_early(intent_id, DISPATCH)
             return
+        intent, paused = claimed
+        self._claimed.at = time.monotonic()
         target = self.config.targets.get(intent.target)
         if target is None:
             self._finish(intent, Status.failed, "unknown_target",
@@ -374,7 +385,7 @@ class Dispatcher:
             self._finish(intent, Status.failed, "poison",
                          f"handed to a worker {intent.deliveries} times without finishing; giving up{last}")
             return
-        if intent.target in self.store.paused_targets():  # checked before the limiter: no token spent
+        if paused:  # checked before the limiter: no token spent
             self._wait(intent, PAUSED_RECHECK_S, reason=f"target '{intent.target}' is paused", count=False)
             return
         try:
@@ -422,12 +433,16 @@ class Dispatcher:
         resolution = self._resolve(intent, target, adapter)
         if resolution is None:
             return
-        department, category = resolution
         draft = TicketDraft(
             subject=intent.subject, body=body_with_marker(intent.body, intent.id), priority=intent.priority,
-            department=department, category=category, service=intent.service, cc=intent.cc,
+            department=resolution.department, category=resolution.category, service=intent.service, cc=intent.cc,
             critical_reason=intent.critical_reason)
-        outcome, raw = self._exchange(intent, target, adapter.create_request(draft), number=intent.attempts + 1)
+        routed = resolution.department != intent.resolved_department
+        outcome, raw = self._exchange(
+            intent, target, adapter.create_request(draft), number=intent.attempts + 1,
+            intent_values={"resolved_department": resolution.department,
+                           "resolved_category": resolution.category} if routed else None,
+            event=("routed", resolution.reason) if routed else None)
         if outcome.verdict is Verdict.done and outcome.ticket is not None:
             self._succeed(intent, target, outcome.ticket)
         elif outcome.verdict is Verdict.poll:
@@ -449,9 +464,9 @@ class Dispatcher:
             self._finish(intent, Status.failed, outcome.error_code or "final", _error_text(outcome),
                          attempts=intent.attempts + 1)
 
-    def _resolve(self, intent: IntentView, target: TargetConfig,
-                 adapter: ProviderAdapter) -> tuple[str, str | None] | None:
-        """The department to file under, checked against the provider's list; None if the intent moved on."""
+    def _resolve(self, intent: IntentView, target: TargetConfig, adapter: ProviderAdapter) -> Resolution | None:
+        """The department to file under, checked against the provider's list; None if the intent moved on.
+        The caller records it with the create's attempt (one transaction, not three)."""
         routes = merged_routes(target.provider, target.routes)
         request = adapter.departments_request()
         available: list[str] | None = None
@@ -472,10 +487,7 @@ class Dispatcher:
                 return self._resolve(intent, target, adapter)
             self._finish(intent, Status.failed, "department_not_found", str(exc))
             return None
-        if res.department != intent.resolved_department:
-            self.store.update_intent(intent.id, resolved_department=res.department, resolved_category=res.category)
-            self.store.add_event(intent.id, "routed", res.reason, at=self.clock())
-        return res.department, res.category
+        return res
 
     def _fetch_departments(self, intent: IntentView, target: TargetConfig, adapter: ProviderAdapter,
                            request: RequestSpec) -> list[str] | None:
@@ -531,18 +543,23 @@ class Dispatcher:
             self.sleep(wait)
 
     def _exchange(self, intent: IntentView, target: TargetConfig, spec: RequestSpec, *,
-                  number: int | None) -> tuple[Outcome, RawResponse]:
+                  number: int | None, intent_values: Mapping[str, Any] | None = None,
+                  event: tuple[str, str] | None = None) -> tuple[Outcome, RawResponse]:
         """Take a token, record the attempt, send (:data:`SEND_PACE_S` after the token), classify,
         complete the record. The record comes before the send; the token before the record (a
-        throttled request is no attempt)."""
+        throttled request is no attempt). ``intent_values`` and ``event`` are stored with the record."""
         transport = self.transport(target)  # built before the token: the first one takes ~0.1 s (TLS
         # context), a gap in which another worker's 429 would go unseen by this send
         self._take_token(target, str(intent.id))
         granted = time.monotonic()
+        claimed_at: float | None = getattr(self._claimed, "at", None)
+        # a lease taken moments ago cannot have expired: no need to check and renew it before this send
+        fresh = claimed_at is not None and granted - claimed_at < self.config.scheduler.lease_s / 4
         attempt_id = self.store.begin_attempt(intent.id, number=number, op=spec.op.value, method=spec.method,
                                               path=spec.path, request=_redacted_request(spec),
                                               worker=self.worker, now=self.clock(),
-                                              lease_s=self.config.scheduler.lease_s)
+                                              lease_s=self.config.scheduler.lease_s, intent_values=intent_values,
+                                              event=event, renew_lease=not fresh)
         pause = self.send_pace_s - (time.monotonic() - granted)
         if pause > 0:  # leave a fixed time after the token, not whenever the record happened to commit
             self.sleep(pause)
@@ -642,15 +659,27 @@ class Dispatcher:
 
     def poll(self, intent_id: uuid.UUID) -> None:
         """Ask a NocWorx task how it went; never re-submit it."""
+        with self.store.deferring():
+            try:
+                self._poll(intent_id)
+            finally:
+                self._claimed.at = None
+
+    def _poll(self, intent_id: uuid.UUID) -> None:
         now = self.clock()
-        intent = self.store.claim(intent_id, statuses=[Status.polling], to=Status.polling, now=now,
-                                  lease_s=self.config.scheduler.lease_s, worker=self.worker)
-        if intent is None:
+        claimed = self.store.claim_due(intent_id, statuses=[Status.polling], to=Status.polling, now=now,
+                                       lease_s=self.config.scheduler.lease_s, worker=self.worker)
+        if claimed is None:
             self._requeue_if_early(intent_id, POLL)
             return
+        intent, paused = claimed
+        self._claimed.at = time.monotonic()
         target = self.config.targets.get(intent.target)
         if target is None or intent.poll_path is None:
             self._finish(intent, Status.failed, "unknown_target", "cannot poll: target or task is gone")
+            return
+        if paused:
+            self._next_poll(intent, target, wait=PAUSED_RECHECK_S, reason="target paused")
             return
         try:
             self._poll_claimed(intent, target)
@@ -667,9 +696,6 @@ class Dispatcher:
     def _poll_claimed(self, intent: IntentView, target: TargetConfig) -> None:
         adapter = self.adapter(target)
         assert intent.poll_path is not None
-        if intent.target in self.store.paused_targets():
-            self._next_poll(intent, target, wait=PAUSED_RECHECK_S, reason="target paused")
-            return
         # the deadline is judged on an answer, never on the clock alone: a poll that comes late (a
         # backlog, a lost worker, an outage) still looks once, and a task that succeeded meanwhile counts
         outcome, _ = self._exchange(intent, target, adapter.task_request(intent.poll_path), number=None)
@@ -719,12 +745,21 @@ class Dispatcher:
 
     def _next_poll(self, intent: IntentView, target: TargetConfig, *, wait: float | None = None,
                    reason: str = "task pending", floor: bool = True) -> None:
-        """Poll again in ``wait`` seconds, never sooner than the poll interval unless ``floor`` is off
-        (a rate-limit wait is already the right one)."""
-        wait = max(wait or 0.0, target.poll_interval_s if floor else 0.0)
+        """Poll again on the target's schedule (:func:`dispatcher.backoff.poll_wait`: the wait grows
+        with the time since the task was accepted), or in ``wait`` seconds when that is longer: a
+        Retry-After, a paused target's recheck or a rate-limit turn is a floor the schedule never cuts
+        short. Without ``floor`` the schedule is left out (a rate-limit wait is already the right one).
+        The schedule looks once more right at the deadline, not long after it."""
         now = self.clock()
-        if intent.poll_deadline is not None and intent.poll_deadline > now:  # look once more right at the
-            wait = min(wait, (intent.poll_deadline - now).total_seconds())  # deadline, not long after it
+        scheduled = 0.0
+        if floor:
+            # polling started deadline_s before the deadline (both set at once: _start_polling, repoll)
+            started = now if intent.poll_deadline is None \
+                else intent.poll_deadline - timedelta(seconds=target.poll_deadline_s)
+            scheduled = target.poll_policy.wait((now - started).total_seconds())
+            if intent.poll_deadline is not None and intent.poll_deadline > now:
+                scheduled = min(scheduled, (intent.poll_deadline - now).total_seconds())
+        wait = max(wait or 0.0, scheduled)
         due = now + timedelta(seconds=wait)
         short = wait <= self.config.scheduler.short_wait_s
         self.store.release(intent.id, self.worker, status=Status.polling, now=now, next_attempt_at=due,
@@ -737,7 +772,8 @@ class Dispatcher:
     def _start_polling(self, intent: IntentView, target: TargetConfig, outcome: Outcome, *,
                        reconciled: bool = False) -> None:
         now = self.clock()
-        wait = target.poll_interval_s
+        policy = target.poll_policy
+        wait = policy.wait(0.0)  # the first look; later ones: _next_poll, by the task's age
         due = now + timedelta(seconds=wait)
         self.store.release(
             intent.id, self.worker, status=Status.polling, now=now, task_uuid=outcome.task_uuid,
@@ -745,7 +781,7 @@ class Dispatcher:
             next_attempt_at=due, enqueued_at=due, needs_reconcile=False,
             attempts=intent.attempts + (0 if reconciled else 1),
             event=("polling", f"NocWorx accepted the {_task_subject(intent)} as task {outcome.task_uuid}; polling "
-                   f"{outcome.poll_path} every {wait:g} s for up to {target.poll_deadline_s:g} s", None))
+                   f"{outcome.poll_path} {policy.describe()} for up to {target.poll_deadline_s:g} s", None))
         log.info("intent polling", extra={"intent_id": str(intent.id), "target": intent.target, "outcome": "polling",
                                           "attempt": intent.attempts + (0 if reconciled else 1),
                                           "task_uuid": outcome.task_uuid})
@@ -754,8 +790,6 @@ class Dispatcher:
     def _succeed(self, intent: IntentView, target: TargetConfig, ticket: TicketRef) -> None:
         now = self.clock()
         url = ticket.url
-        self.store.record_ticket(intent, provider_id=ticket.provider_id, number=ticket.number, url=url,
-                                 department=ticket.department or intent.resolved_department, now=now)
         attempts = intent.attempts + (0 if intent.status is Status.polling else 1)
         label = ticket.number or ticket.provider_id
         if intent.group_id is not None:  # the group's ticket exists: its follow-ups may go now
@@ -764,8 +798,10 @@ class Dispatcher:
             self.groups.opened(intent.group_id, int(payload.get("generation") or 0), provider_id=ticket.provider_id,
                                number=ticket.number, url=url, now=now,
                                sent_state={**state, "seq": intent.group_seq} if state is not None else None)
+        record = {"target": intent.target, "provider": intent.provider.value, "provider_ticket_id": ticket.provider_id,
+                  "number": ticket.number, "url": url, "department": ticket.department or intent.resolved_department}
         self.store.release(intent.id, self.worker, status=Status.succeeded, now=now, attempts=attempts,
-                           needs_reconcile=False, last_error_code=None, last_error_message=None,
+                           needs_reconcile=False, last_error_code=None, last_error_message=None, ticket=record,
                            event=("succeeded", f"ticket {ticket.provider_id}"
                                   + (f" ({label})" if label != ticket.provider_id else "") + " made", None))
         metrics.succeeded(intent, target, now)
@@ -1136,8 +1172,8 @@ class Dispatcher:
                                   sent_state=sent, last=last, resolves=bool(payload.get("resolves")))
         attempts = intent.attempts + (0 if intent.status is Status.polling else 1)
         done = {"reply": "reply sent", "reopen": "ticket reopened", "close": "ticket closed"}.get(step, step)
-        clear = {"task_uuid": None, "poll_path": None, "poll_deadline": None, "needs_reconcile": False,
-                 "last_error_code": None, "last_error_message": None}
+        clear: dict[str, Any] = {"task_uuid": None, "poll_path": None, "poll_deadline": None,
+                                 "needs_reconcile": False, "last_error_code": None, "last_error_message": None}
         if last:
             self.store.release(intent.id, self.worker, status=Status.succeeded, now=now, attempts=attempts,
                                event=("succeeded", f"{done} (ticket {payload.get('ticket')}): "

@@ -12,7 +12,7 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -142,6 +142,14 @@ def intent_view(row: IntentRow, ticket: TicketRow | None = None,
         action=Action(row.action or Action.create.value), group_id=row.group_id, group_seq=row.group_seq,
         payload=dict(row.payload) if row.payload else None,
     )
+
+
+@dataclass
+class _Pending:
+    """A thread's writes waiting for its next transaction (:meth:`Store.deferring`)."""
+
+    attempts: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    intents: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
 
 
 class LeaseLost(Exception):
@@ -332,7 +340,8 @@ class Store:
         lease is still held (the ticket exists at the provider either way; a redelivery that finds it
         recorded already changes nothing).
         """
-        values.update(status=status.value, lease_until=None, leased_by=None, updated_at=now)
+        values = {**self._pending_values(intent_id), **values,
+                  "status": status.value, "lease_until": None, "leased_by": None, "updated_at": now}
         if status in (Status.succeeded, Status.failed, Status.cancelled):
             values.setdefault("finished_at", now)
             values.setdefault("next_attempt_at", None)
@@ -366,7 +375,7 @@ class Store:
     def begin_attempt(self, intent_id: uuid.UUID, *, number: int | None, op: str, method: str, path: str,
                       request: dict[str, Any] | None, worker: str, now: datetime,
                       lease_s: float | None = None, intent_values: Mapping[str, Any] | None = None,
-                      event: tuple[str, str] | None = None) -> int:
+                      event: tuple[str, str] | None = None, renew_lease: bool = True) -> int:
         """Record an exchange before it is sent, so a lost answer leaves a trace to reconcile.
 
         With ``lease_s``: only while ``worker`` still holds the intent's lease, renewed for ``lease_s``
@@ -374,17 +383,23 @@ class Store:
         and may be with another worker now) must send nothing more for it (:class:`LeaseLost`), and a
         worker busy with many exchanges for one intent (a reconcile reading pages) keeps its lease.
         ``intent_values`` and ``event`` (e.g. the department just resolved, and why) are written in
-        the same transaction, under the same lease check.
+        the same transaction, under the same lease check. ``renew_lease=False``: the caller took the
+        lease moments ago (it cannot have expired), so neither check nor renew it; inside
+        :meth:`deferring`, ``intent_values`` then wait for the intent's next write (one UPDATE less).
         """
         with self.engine.begin() as conn:
             self._flush_pending(conn)
-            if lease_s is not None or intent_values:
-                changes: dict[str, Any] = dict(intent_values or {})
-                if lease_s is not None:
-                    changes["lease_until"] = now + timedelta(seconds=lease_s)
+            pending: _Pending | None = getattr(self._local, "pending", None)
+            if lease_s is not None and renew_lease:
+                changes: dict[str, Any] = {**self._pending_values(intent_id), **(intent_values or {}),
+                                           "lease_until": now + timedelta(seconds=lease_s)}
                 held = conn.execute(_UPDATE_LEASED, {"b_id": intent_id, "b_worker": worker, **changes})
-                if held.rowcount == 0 and lease_s is not None:
+                if held.rowcount == 0:
                     raise LeaseLost(f"intent {intent_id} is no longer leased by {worker}: not sending")
+            elif intent_values and pending is not None:
+                pending.intents.setdefault(intent_id, {}).update(intent_values)
+            elif intent_values:
+                conn.execute(_UPDATE_LEASED, {"b_id": intent_id, "b_worker": worker, **intent_values})
             attempt_id = conn.execute(_INSERT_ATTEMPT, {
                 "intent_id": intent_id, "number": number, "op": op, "method": method, "path": path[:500],
                 "request": request, "worker": worker, "started_at": now}).scalar_one()
@@ -400,38 +415,45 @@ class Store:
             values["response_excerpt"] = excerpt(values["response_excerpt"])
         if values.get("error_message"):
             values["error_message"] = excerpt(values["error_message"])
-        pending: list[tuple[int, dict[str, Any]]] | None = getattr(self._local, "pending", None)
+        pending: _Pending | None = getattr(self._local, "pending", None)
         if pending is not None:
-            pending.append((attempt_id, values))
+            pending.attempts.append((attempt_id, values))
             return
         with self.engine.begin() as conn:
             self._finish_attempts(conn, [(attempt_id, values)])
 
     @contextmanager
     def deferring(self) -> Iterator[None]:
-        """Within: completed exchanges are written with this thread's next write, not each in a
-        transaction of its own (the worker's hot path: what follows an answer is always a write, so
-        the record and the intent's next state commit together). On the way out, whatever is still
-        pending is written. A crash before that leaves the exchange unfinished on record, which is
-        read as "may have reached the provider": reconciled, never resent blindly."""
-        outer = getattr(self._local, "pending", None)
-        if outer is not None:  # nested: the outer block flushes
+        """Within: completed exchanges (and intent fields such as the department just resolved) are
+        written with this thread's next write, not each in a transaction of its own: the worker's hot
+        path, where what follows an answer is always a write (the release), so the record and the
+        intent's next state commit together. On the way out, whatever is still pending is written.
+        A crash before that leaves the exchange unfinished on record, which is read as "may have
+        reached the provider": reconciled, never resent blindly."""
+        if getattr(self._local, "pending", None) is not None:  # nested: the outer block flushes
             yield
             return
-        self._local.pending = []
+        self._local.pending = _Pending()
         try:
             yield
         finally:
             pending, self._local.pending = self._local.pending, None
-            if pending:
+            if pending.attempts or pending.intents:
                 with self.engine.begin() as conn:
-                    self._finish_attempts(conn, pending)
+                    self._finish_attempts(conn, pending.attempts)
+                    for intent_id, values in pending.intents.items():
+                        conn.execute(update(_INTENTS).where(_INTENTS.c.id == intent_id).values(**values))
 
     def _flush_pending(self, conn: Connection) -> None:
-        pending: list[tuple[int, dict[str, Any]]] | None = getattr(self._local, "pending", None)
-        if pending:
-            self._finish_attempts(conn, pending)
-            pending.clear()
+        pending: _Pending | None = getattr(self._local, "pending", None)
+        if pending is not None and pending.attempts:
+            self._finish_attempts(conn, pending.attempts)
+            pending.attempts.clear()
+
+    def _pending_values(self, intent_id: uuid.UUID) -> dict[str, Any]:
+        """Intent fields waiting for this intent's next write (taken: the caller writes them)."""
+        pending: _Pending | None = getattr(self._local, "pending", None)
+        return pending.intents.pop(intent_id, {}) if pending is not None else {}
 
     @staticmethod
     def _finish_attempts(conn: Connection, items: list[tuple[int, dict[str, Any]]]) -> None:

@@ -275,6 +275,7 @@ def test_a_worker_whose_lease_was_recovered_meanwhile_sends_nothing(
     take_token = slow.service._take_token
 
     def stalled(target: Any, *args: Any, **kwargs: Any) -> Any:  # stalls past its lease; another takes it
+        time.sleep(config.scheduler.lease_s / 4)  # a stall takes time: the worker can tell its lease is not fresh
         slow.store.update_intent(intent_id, lease_until=slow.service.clock() - timedelta(seconds=1))
         assert other.service.schedule_once()["recovered"] == 1
         assert other.store.claim(intent_id, statuses=DUE_STATUSES, to=Status.sending, now=other.service.clock(),

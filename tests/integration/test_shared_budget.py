@@ -9,6 +9,7 @@ import multiprocessing
 import threading
 import time
 import uuid
+from typing import Any
 
 import redis
 
@@ -37,10 +38,11 @@ def hostup_target(base_url: str) -> TargetConfig:
         poll_interval_s=2, poll_deadline_s=900, routes={})
 
 
-def send_until(redis_url: str, base_url: str, start_at: float, stop_at: float) -> None:
+def send_until(redis_url: str, base_url: str, ready: Any) -> None:
     """One worker process: THREADS threads that wait for a token (sleeping as the limiter says, as
-    the service does) and send a create, from ``start_at`` until ``stop_at``; every answer is fed
-    back to the limiter."""
+    the service does) and send a create, for RUN_S seconds from when every process is ready (the
+    ``ready`` barrier: spawning and importing take seconds on a loaded machine); every answer is
+    fed back to the limiter."""
     limiter = RedisLimiter(redis.Redis.from_url(redis_url))
     target = hostup_target(base_url)
     adapter = HostUpAdapter()
@@ -58,7 +60,8 @@ def send_until(redis_url: str, base_url: str, start_at: float, stop_at: float) -
             limiter.observe(target, outcome, adapter._clock())
 
     threads = [threading.Thread(target=loop) for _ in range(THREADS)]
-    time.sleep(max(0.0, start_at - time.time()))          # every process starts together
+    ready.wait(timeout=60)                                # every process starts together
+    stop_at = time.time() + RUN_S
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -71,14 +74,13 @@ def test_processes_sharing_a_redis_budget_never_exceed_it_together(
     simulator.configure(rate_limit=10, rate_window_s=1.0)     # the provider's limit is the budget
     since = time.time()
     context = multiprocessing.get_context("spawn")
-    start_at = time.time() + 3.0                              # spawning and importing take a moment
-    workers = [context.Process(target=send_until, args=(redis_url, simulator.hostup_url, start_at,
-                                                        start_at + RUN_S))
+    ready = context.Barrier(PROCESSES)
+    workers = [context.Process(target=send_until, args=(redis_url, simulator.hostup_url, ready))
                for _ in range(PROCESSES)]
     for worker in workers:
         worker.start()
     for worker in workers:
-        worker.join(timeout=30)
+        worker.join(timeout=90)
     assert [w.exitcode for w in workers] == [0] * PROCESSES
 
     log = simulator.requests("hostup", since=since)

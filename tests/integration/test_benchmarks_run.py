@@ -1,0 +1,44 @@
+"""The performance benchmarks still run end to end (small sizes): real processes, real figures.
+
+They are measured by hand (README, Benchmarks), never timed here; these tests only keep them from
+rotting: each must finish, make every ticket, and print and save its comparison with the baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_bench(module: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout, check=False)
+    assert result.returncode == 0, f"{module} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def test_the_hot_path_benchmark_dispatches_every_intent_and_compares_with_the_baseline() -> None:
+    out = run_bench("bench.hotpath", "--intents", "20", "--rounds", "1").stdout
+    assert "dispatcher / baseline:" in out
+    dispatcher_line = next(line for line in out.splitlines() if line.startswith("dispatcher "))
+    cpu_ms = float(dispatcher_line.split()[1])
+    assert cpu_ms > 0
+
+
+def test_the_end_to_end_benchmark_makes_every_ticket_for_both_variants(tmp_path: Path) -> None:
+    out_file = tmp_path / "e2e.json"
+    out = run_bench("bench.e2e", "--intents", "60", "--latency", "0", "--paced", "10", "--paced-rate", "20",
+                    "--concurrency", "8", "--out", str(out_file)).stdout
+    assert "goals:" in out
+    saved = json.loads(out_file.read_text())
+    ours, theirs = saved["median"]["0ms/dispatcher"], saved["median"]["0ms/baseline"]
+    assert ours["succeeded"] == 60 and ours["done"] == 60
+    assert theirs["done"] == 60
+    for figure in ("tickets_per_s", "cpu_per_1000", "peak_rss_mb", "db_bytes_per_intent", "p95_ms"):
+        assert ours[figure] > 0, figure
+    [run] = saved["runs"]["0ms/dispatcher"]
+    assert run["attempts_per_intent"] >= 1.0  # every intent's exchanges are on record
