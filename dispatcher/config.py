@@ -12,6 +12,7 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +27,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dispatcher.backoff import RetryPolicy, parse_rate
+from dispatcher.backoff import FIRST_POLL_S, PollPolicy, RetryPolicy, parse_rate
 from dispatcher.domain import Priority, Provider
 from dispatcher.errors import ConfigError
 from dispatcher.intake.alerts import (
@@ -89,8 +90,16 @@ class RetryFile(_Strict):
 
 
 class PollFile(_Strict):
-    interval_s: float = Field(default=2.0, gt=0)
-    deadline_s: float = Field(default=900.0, gt=0)
+    """When a pending NocWorx task is looked at again (dispatcher.backoff.poll_wait): ``first_s`` after
+    the 202, then every ``interval_s + growth * (seconds since the 202)``, at most ``max_interval_s``,
+    until ``deadline_s``. ``growth = 0`` and ``first_s = interval_s`` is a fixed interval."""
+
+    #: the first look; unset: 0.5 s, or interval_s when that is shorter
+    first_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    interval_s: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    growth: float = Field(default=0.1, ge=0, allow_inf_nan=False)
+    max_interval_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+    deadline_s: float = Field(default=900.0, gt=0, allow_inf_nan=False)
 
 
 class TargetFile(_Strict):
@@ -224,6 +233,15 @@ class TargetConfig:
     poll_interval_s: float
     poll_deadline_s: float
     routes: Mapping[str, Route]
+    poll_first_s: float = FIRST_POLL_S
+    poll_growth: float = 0.1
+    poll_max_interval_s: float = 30.0
+
+    @cached_property
+    def poll_policy(self) -> PollPolicy:
+        """The poll schedule (dispatcher.backoff.poll_wait) from the ``poll_*`` settings."""
+        return PollPolicy(first_s=self.poll_first_s, interval_s=self.poll_interval_s, growth=self.poll_growth,
+                          max_interval_s=self.poll_max_interval_s)
 
     def __repr__(self) -> str:
         return f"TargetConfig(name={self.name!r}, provider={self.provider.value!r}, base_url={self.base_url!r})"
@@ -301,6 +319,7 @@ def parse_config(data: Mapping[str, Any], settings: Settings, env: Mapping[str, 
         count, period = parse_rate(t.rate)
         if t.retry.base_s > t.retry.cap_s:
             raise ConfigError(f"targets.{name}.retry.base_s: must not exceed cap_s")
+        poll = _poll_policy(f"targets.{name}.poll", t.poll)
         targets[name] = TargetConfig(
             name=name, provider=t.provider, base_url=t.base_url.rstrip("/"),
             api_key=_read_secret(f"targets.{name}.api_key", t.api_key_env, t.api_key_file, env),
@@ -309,8 +328,9 @@ def parse_config(data: Mapping[str, Any], settings: Settings, env: Mapping[str, 
             departments_ttl_s=t.departments_ttl_s, critical_policy=t.critical_policy,
             retry=RetryPolicy(max_attempts=t.retry.max_attempts, base_s=t.retry.base_s, cap_s=t.retry.cap_s,
                               final_codes=frozenset(t.retry.final_codes)),
-            poll_interval_s=t.poll.interval_s, poll_deadline_s=t.poll.deadline_s,
+            poll_interval_s=poll.interval_s, poll_deadline_s=t.poll.deadline_s,
             routes={topic: Route(r.department, r.category) for topic, r in t.routes.items()},
+            poll_first_s=poll.first_s, poll_growth=poll.growth, poll_max_interval_s=poll.max_interval_s,
         )
     tokens = tuple(
         ApiToken(name, _read_secret(f"api.tokens.{name}.token", tok.token_env, tok.token_file, env),
@@ -321,6 +341,16 @@ def parse_config(data: Mapping[str, Any], settings: Settings, env: Mapping[str, 
                      max_batch=parsed.api.max_batch, max_batch_body_bytes=parsed.api.max_batch_body_bytes,
                      scheduler=parsed.scheduler, retention=parsed.retention, source=source,
                      alerts=_alerts_config(parsed.alerts, targets, env))
+
+
+def _poll_policy(path: str, poll: PollFile) -> PollPolicy:
+    """``[targets.X.poll]`` as a schedule; a cap below the interval or the first look fails naming the key."""
+    first = poll.first_s if poll.first_s is not None else min(FIRST_POLL_S, poll.interval_s)
+    for name, value in (("interval_s", poll.interval_s), ("first_s", first)):
+        if poll.max_interval_s < value:
+            raise ConfigError(f"{path}.max_interval_s: must not be less than {name} ({value:g})")
+    return PollPolicy(first_s=first, interval_s=poll.interval_s, growth=poll.growth,
+                      max_interval_s=poll.max_interval_s)
 
 
 def _alerts_config(alerts: AlertsFile, targets: Mapping[str, TargetConfig], env: Mapping[str, str]) -> AlertsConfig:

@@ -67,6 +67,11 @@ async def tickets(request: Request, state: SimState) -> Response:
     return json_response(state.tickets_json())
 
 
+async def tasks(request: Request, state: SimState) -> Response:
+    state.settle(time.time())
+    return json_response(state.tasks_json())
+
+
 async def get_config(request: Request, state: SimState) -> Response:
     return json_response(state.settings.to_json())
 
@@ -102,6 +107,7 @@ def create_app(settings: SimulatorSettings | None = None) -> Starlette:
         Route("/stats", _control(stats), methods=["GET"]),
         Route("/requests", _control(requests), methods=["GET"]),
         Route("/tickets", _control(tickets), methods=["GET"]),
+        Route("/tasks", _control(tasks), methods=["GET"]),
         Route("/config", _control(get_config), methods=["GET"]),
         Route("/config", _control(put_config), methods=["PUT"]),
         Route("/reset", _control(reset), methods=["POST"]),

@@ -61,6 +61,11 @@ class RunningSimulator:
         result: list[dict[str, Any]] = self._call("GET", "/tickets")
         return result
 
+    def tasks(self) -> list[dict[str, Any]]:
+        """NocWorx tasks: accepted (``request_date``), resolving (``resolves_at``), polled (``polls``)."""
+        result: list[dict[str, Any]] = self._call("GET", "/tasks")
+        return result
+
     def requests(self, provider: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
         params: dict[str, str] = {}
         if provider:
@@ -72,8 +77,9 @@ class RunningSimulator:
 
     def configure(self, **changes: Any) -> dict[str, Any]:
         """Change some settings (``PUT /_sim/config``); returns all of them."""
-        if isinstance(changes.get("latency_ms"), tuple):
-            changes["latency_ms"] = list(changes["latency_ms"])
+        for name in ("latency_ms", "task_delay_range_s"):
+            if isinstance(changes.get(name), tuple):
+                changes[name] = list(changes[name])
         result: dict[str, Any] = self._call("PUT", "/config", json=changes)
         return result
 

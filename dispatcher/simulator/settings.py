@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -60,6 +61,10 @@ class SimulatorSettings:
     drop_after_create_rate: float = 0.0
     #: NocWorx tasks resolve this long after the 202
     task_delay_s: float = 0.2
+    #: when set, [low, high]: each task resolves a uniform random time in this range after its 202
+    #: instead (drawn from a stream of its own, seeded by ``seed``: the n-th task gets the same delay
+    #: in every run with that seed, whatever else happened); ``GET /_sim/tasks`` shows each one's
+    task_delay_range_s: tuple[float, float] | None = None
     task_failure_rate: float = 0.0
     task_rejected_rate: float = 0.0
     #: fraction of tasks that stay "pending" forever
@@ -80,6 +85,7 @@ class SimulatorSettings:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["latency_ms"] = list(self.latency_ms)
+        data["task_delay_range_s"] = list(self.task_delay_range_s) if self.task_delay_range_s is not None else None
         return data
 
 
@@ -121,6 +127,10 @@ def check_settings(settings: SimulatorSettings) -> None:
     for name in ("task_delay_s", "task_404_window_s"):
         if getattr(settings, name) < 0:
             problems.append(f"{name}: must be >= 0")
+    if settings.task_delay_range_s is not None:
+        low_s, high_s = settings.task_delay_range_s
+        if not (math.isfinite(low_s) and math.isfinite(high_s) and 0 <= low_s <= high_s):
+            problems.append("task_delay_range_s: must be [low, high] with 0 <= low <= high (seconds), or null")
     if settings.critical_per_hour < 0:
         problems.append("critical_per_hour: must be >= 0")
     if not settings.hostup_key or not settings.nocworx_key:

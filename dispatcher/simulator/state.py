@@ -24,6 +24,10 @@ _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 REQUEST_LOG_MAX = 500_000
 
 
+def _delay_rng(seed: int | None) -> random.Random:
+    return random.Random(None if seed is None else f"task-delay:{seed}")
+
+
 def iso_ms(ts: float) -> str:
     """HostUp's timestamp style: ISO 8601, milliseconds, ``Z``."""
     moment = datetime.fromtimestamp(ts, UTC)
@@ -147,6 +151,8 @@ class _Window:
 class SimState:
     settings: SimulatorSettings
     rng: random.Random = field(init=False)
+    #: task delays (``task_delay_range_s``) come from their own stream, so they do not depend on timing
+    delay_rng: random.Random = field(init=False)
     counters: dict[str, Counter[str]] = field(init=False)
     hostup_tickets: dict[str, HostUpTicket] = field(init=False)
     hostup_by_number: dict[str, HostUpTicket] = field(init=False)
@@ -167,6 +173,7 @@ class SimState:
     def reset(self) -> None:
         """Forget every ticket, task, request and counter; re-seed so a seeded run repeats."""
         self.rng = random.Random(self.settings.seed)
+        self.delay_rng = _delay_rng(self.settings.seed)
         self.counters = {name: Counter() for name in PROVIDERS}
         self.hostup_tickets = {}
         self.hostup_by_number = {}
@@ -186,6 +193,7 @@ class SimState:
         self.settings = settings
         if reseed:
             self.rng = random.Random(settings.seed)
+            self.delay_rng = _delay_rng(settings.seed)
 
     # -- randomness ------------------------------------------------------------------------------
 
@@ -298,9 +306,10 @@ class SimState:
             outcome = "stuck"
         else:
             outcome = "success"
+        delay = s.task_delay_s if s.task_delay_range_s is None else self.delay_rng.uniform(*s.task_delay_range_s)
         task = Task(
             id=self._next_task_id, uuid=self.new_uuid(), action=action, input=dict(submitted),
-            request_date=now, due_at=now + s.task_delay_s, outcome=outcome,
+            request_date=now, due_at=now + delay, outcome=outcome,
             resource_null=self.chance(s.task_resource_null_rate),
             trailing_slash=self.chance(s.uri_trailing_slash_rate),
             errors_style=self.rng.choice(("list", "dict")), ticket_id=ticket_id,
@@ -433,6 +442,22 @@ class SimState:
             })
         out.sort(key=lambda item: float(item["created_at"]))
         return out
+
+    def tasks_json(self) -> list[dict[str, Any]]:
+        """Every NocWorx task with when it was accepted and resolves (``resolves_at``: null for a stuck
+        one; it resolves then whether or not anyone looks), and ``polls``: the task:show requests that
+        arrived for it (``GET /v1/task/{uuid}``, any answer, from the request log)."""
+        polls: Counter[str] = Counter()
+        for record in self.request_log:
+            if record.provider == "nocworx" and record.method == "GET" and record.path.startswith("/v1/task/"):
+                polls[record.path.removeprefix("/v1/task/").rstrip("/").lower()] += 1
+        return [{
+            "id": task.id, "uuid": task.uuid, "action": task.action, "outcome": task.outcome,
+            "status": task.status, "request_date": task.request_date,
+            "resolves_at": None if task.outcome == "stuck" else task.due_at,
+            "delay_s": None if task.outcome == "stuck" else task.due_at - task.request_date,
+            "resolved_at": task.resolved_at, "ticket_id": task.ticket_id, "polls": polls[task.uuid],
+        } for task in sorted(self.tasks.values(), key=lambda t: t.id)]
 
     def requests_json(self, provider: str | None, since: float | None) -> list[dict[str, Any]]:
         return [

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from dispatcher.domain import IntentView, Status
 from dispatcher.errors import IntentInvalid
-from dispatcher.queue import EnqueueFailed
+from dispatcher.queue import POLL, EnqueueFailed
 from dispatcher.runtime import Runtime
 from dispatcher.simulator import RunningSimulator
 from dispatcher.store.tables import AttemptRow, IntentRow
@@ -208,6 +208,113 @@ def test_a_task_that_stays_pending_fails_at_the_deadline_and_is_never_resubmitte
     assert "still pending" in (view.last_error_message or "")
     creates = [r for r in simulator.requests("nocworx") if r["method"] == "POST"]
     assert len(creates) == 1
+
+
+class Recorded:
+    """A broker that keeps what was published and delivers nothing: the test is the worker."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, uuid.UUID, float]] = []
+
+    def enqueue(self, task: str, intent_id: uuid.UUID, *, target: str, countdown: float = 0.0) -> None:
+        self.sent.append((task, intent_id, countdown))
+
+    def enqueue_many(self, task: str, items: list[tuple[uuid.UUID, str]]) -> None:
+        self.sent.extend((task, intent_id, 0.0) for intent_id, _ in items)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def scheduled_waits(first: float, interval: float, growth: float, cap: float, deadline: float) -> list[float]:
+    """What [targets.X.poll] asks for, polls taking no time: the first look, then interval + growth x
+    the task's age (at most cap), the last one right at the deadline."""
+    waits, elapsed = [first], first
+    while elapsed < deadline:
+        waits.append(min(cap, interval + growth * elapsed, deadline - elapsed))
+        elapsed += waits[-1]
+    return waits
+
+
+def test_a_pending_task_is_polled_quickly_first_then_less_often_as_it_ages_and_once_more_at_the_deadline(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    simulator.configure(task_stuck_rate=1.0)
+    poll = {"first_s": 0.5, "interval_s": 1, "growth": 0.2, "max_interval_s": 4, "deadline_s": 40}
+    queue = Recorded()
+    rt = make_runtime(make_config(simulator, database_url=database_url, nocworx={"poll": poll}), queue=queue)
+    clock = FakeClock()
+    rt.service.clock = clock
+    intent_id = submit(rt, target="nocworx", topic="dns")
+    rt.service.dispatch(intent_id)                                  # the create: a task to poll
+    waits: list[float] = []
+    view = rt.service.get(intent_id)
+    while not view.terminal:
+        task, _, countdown = [m for m in queue.sent if m[1] == intent_id][-1]
+        assert task == POLL and view.status is Status.polling and view.next_attempt_at is not None
+        assert (view.next_attempt_at - clock.now).total_seconds() == pytest.approx(countdown, abs=1e-5)
+        waits.append(countdown)
+        clock.now = view.next_attempt_at                            # the countdown runs out: the worker polls
+        rt.service.poll(intent_id)
+        view = rt.service.get(intent_id)
+    expected = scheduled_waits(0.5, 1.0, 0.2, 4.0, 40.0)
+    assert waits == pytest.approx(expected, abs=1e-4)
+    assert waits[0] == 0.5 and max(waits) == 4.0 and 1 < len(expected) < 40 / 1.0
+    assert view.status is Status.failed and view.last_error_code == "task_timeout"
+    looks = [r for r in simulator.requests("nocworx") if r["method"] == "GET" and r["path"].startswith("/v1/task/")]
+    assert len(looks) == len(waits)                                  # one look per wait, the last at the deadline
+    story = [e.message for e in rt.store.events(intent_id) if e.kind == "polling"]
+    assert any("first after 0.5 s, then every 1 s + 0.2 x the task's age (at most 4 s)" in m for m in story)
+
+
+def test_fixed_interval_polling_is_growth_zero_with_the_first_look_at_the_interval(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    simulator.configure(task_stuck_rate=1.0)
+    poll = {"first_s": 2, "interval_s": 2, "growth": 0, "deadline_s": 9}
+    queue = Recorded()
+    rt = make_runtime(make_config(simulator, database_url=database_url, nocworx={"poll": poll}), queue=queue)
+    clock = FakeClock()
+    rt.service.clock = clock
+    intent_id = submit(rt, target="nocworx", topic="dns")
+    rt.service.dispatch(intent_id)
+    view = rt.service.get(intent_id)
+    while not view.terminal:
+        assert view.next_attempt_at is not None
+        clock.now = view.next_attempt_at
+        rt.service.poll(intent_id)
+        view = rt.service.get(intent_id)
+    assert [m[2] for m in queue.sent if m[0] == POLL] == pytest.approx([2, 2, 2, 2, 1], abs=1e-4)
+
+
+def test_a_retry_after_on_a_poll_answer_is_honoured_over_the_schedule_and_the_deadline(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    simulator.configure(task_stuck_rate=1.0)
+    queue = Recorded()
+    rt = make_runtime(make_config(simulator, database_url=database_url, nocworx={"poll": {"deadline_s": 3}}),
+                      queue=queue)
+    clock = FakeClock()
+    rt.service.clock = clock
+    intent_id = submit(rt, target="nocworx", topic="dns")
+    rt.service.dispatch(intent_id)
+    simulator.configure(rate_limit=1, rate_window_s=1000)
+    for _ in range(2):                         # the first look takes the window's one request, the second: 429
+        view = rt.service.get(intent_id)
+        assert view.next_attempt_at is not None
+        clock.now = view.next_attempt_at
+        rt.service.poll(intent_id)
+    [refused] = [r for r in simulator.requests("nocworx") if r["status"] == 429]
+    retry_after = float(refused["retry_after"])
+    view = rt.service.get(intent_id)
+    assert view.status is Status.polling and view.next_attempt_at is not None
+    # the schedule alone would look again 1 + 0.1 x 1.55 s later, and at the latest at the deadline (1.45 s)
+    scheduled = min(1.0 + 0.1 * 1.55, 3 - 1.55)
+    waited = (view.next_attempt_at - clock.now).total_seconds()
+    assert waited >= retry_after
+    assert waited == pytest.approx(max(retry_after, scheduled), abs=1e-4)
 
 
 def test_a_failed_task_ends_failed_with_the_providers_message(

@@ -339,6 +339,51 @@ def test_nocworx_stuck_task_stays_pending(sim: RunningSimulator, nocworx: httpx.
     assert (stats["tickets"], stats["tasks_pending"], stats["tasks_stuck"]) == (0, 1, 1)
 
 
+def test_nocworx_task_delays_can_be_random_in_a_range_seeded_with_each_tasks_resolution_and_polls_shown(
+        sim: RunningSimulator, nocworx: httpx.Client) -> None:
+    sim.configure(task_delay_range_s=[0.2, 0.8], uri_trailing_slash_rate=0.5, task_stuck_rate=0.25)
+
+    def submit(count: int) -> list[str]:
+        return [nocworx.post("/v1/ticket", json={"department": "support", "subject": f"x{n}"}).json()["uuid"]
+                for n in range(count)]
+
+    uuids = submit(12)
+    nocworx.get(f"/v1/task/{uuids[0]}")
+    nocworx.get(f"/v1/task/{uuids[0]}/")                       # the trailing-slash spelling counts too
+    nocworx.get(f"/v1/task/{uuids[1]}")
+    tasks = {t["uuid"]: t for t in sim.tasks()}
+    assert set(tasks) == set(uuids)
+    assert [tasks[u]["polls"] for u in uuids[:3]] == [2, 1, 0]
+    resolving = [tasks[u] for u in uuids if tasks[u]["outcome"] != "stuck"]
+    stuck = [tasks[u] for u in uuids if tasks[u]["outcome"] == "stuck"]
+    assert resolving and stuck
+    assert all(t["resolves_at"] is None and t["delay_s"] is None for t in stuck)
+    delays = [t["delay_s"] for t in resolving]
+    assert all(0.2 <= d <= 0.8 for d in delays) and len(set(delays)) == len(delays)
+    assert all(t["resolves_at"] == pytest.approx(t["request_date"] + t["delay_s"]) for t in resolving)
+
+    time.sleep(0.9)
+    done = {t["uuid"]: t for t in sim.tasks()}
+    for task in resolving:
+        assert done[task["uuid"]]["status"] == "success"
+        assert done[task["uuid"]]["resolved_at"] == pytest.approx(task["resolves_at"])
+        shown = nocworx.get(f"/v1/task/{task['uuid']}").json()
+        assert shown["resolved_date"] == int(task["resolves_at"])
+
+    # the n-th task gets the same delay with the same seed whatever else is drawn (its own stream):
+    # without the trailing-slash and stuck rolls the other draws differ, the delays do not
+    first = [tasks[u]["delay_s"] for u in uuids]
+    sim.reset()
+    sim.configure(task_stuck_rate=0.0, uri_trailing_slash_rate=0.0)
+    submit(12)
+    second = [t["delay_s"] for t in sim.tasks()]
+    assert [d for d, f in zip(second, first, strict=True) if f is not None] == [f for f in first if f is not None]
+
+    sim.configure(task_delay_range_s=None, task_delay_s=0.05)      # null: back to the fixed delay
+    [fixed] = submit(1)
+    assert {t["uuid"]: t for t in sim.tasks()}[fixed]["delay_s"] == pytest.approx(0.05)
+
+
 def test_nocworx_task_show_is_404_right_after_the_202_within_the_window(sim: RunningSimulator,
                                                                         nocworx: httpx.Client) -> None:
     sim.configure(task_404_window_s=0.3)
@@ -506,7 +551,8 @@ def test_reset_clears_state_but_keeps_settings(sim: RunningSimulator, hostup: ht
 
 def test_config_refuses_unknown_or_out_of_range_settings(sim: RunningSimulator) -> None:
     for patch in ({"no_such_knob": 1}, {"error_rate": 1.5}, {"retry_after_format": "epoch"},
-                  {"latency_ms": [10, 5]}):
+                  {"latency_ms": [10, 5]}, {"task_delay_range_s": [5, 1]}, {"task_delay_range_s": [-1, 2]},
+                  {"task_delay_range_s": [1]}, {"task_delay_range_s": "slow"}):
         response = httpx.put(f"{sim.url}/_sim/config", json=patch)
         assert response.status_code == 400, patch
         assert response.json()["problems"]

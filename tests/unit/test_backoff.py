@@ -1,4 +1,4 @@
-"""Retry policy: full-jitter backoff, Retry-After as a floor, giving up, rate strings."""
+"""Retry policy: full-jitter backoff, Retry-After as a floor, giving up, rate strings; the poll schedule."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from dispatcher.backoff import RetryPolicy, backoff_wait, next_retry, parse_rate
+from dispatcher.backoff import PollPolicy, RetryPolicy, backoff_wait, next_retry, parse_rate, poll_wait
 
 SEEDS = range(300)
 POLICY = RetryPolicy(max_attempts=8, base_s=2.0, cap_s=300.0, final_codes=frozenset({"forbidden"}))
@@ -164,3 +164,85 @@ def test_parse_rate_reads_count_and_period(text: str, expected: tuple[int, float
 def test_parse_rate_refuses_anything_else_with_a_clear_message(text: str) -> None:
     with pytest.raises(ValueError, match=r"invalid rate .*expected 'N/unit'"):
         parse_rate(text)
+
+
+# -- the poll schedule ------------------------------------------------------------------------------
+
+FIXED_2S = PollPolicy(first_s=2.0, interval_s=2.0, growth=0.0)
+
+
+def poll_times(policy: PollPolicy, until: float) -> list[float]:
+    """When the looks come (seconds after the 202), polls taking no time, up to the first at or past ``until``."""
+    times = [poll_wait(0.0, policy)]
+    while times[-1] < until:
+        times.append(times[-1] + poll_wait(times[-1], policy))
+    return times
+
+
+@pytest.mark.parametrize(("policy", "elapsed", "expected"), [
+    (PollPolicy(), 0.0, 0.5),                        # the 202 itself: the first look
+    (PollPolicy(), -3.0, 0.5),                       # a clock behind the 202 counts as the 202
+    (PollPolicy(), math.nan, 0.5),
+    (PollPolicy(), 0.5, 1.05),                       # then interval_s + growth x the task's age
+    (PollPolicy(), 10.0, 2.0),
+    (PollPolicy(), 120.0, 13.0),
+    (PollPolicy(), 290.0, 30.0),                     # the cap is reached ...
+    (PollPolicy(), 5000.0, 30.0),                    # ... and kept
+    (PollPolicy(), math.inf, 0.5),
+    (PollPolicy(first_s=0.2, interval_s=0.5, growth=0.5, max_interval_s=3.0), 0.0, 0.2),
+    (PollPolicy(first_s=0.2, interval_s=0.5, growth=0.5, max_interval_s=3.0), 2.0, 1.5),
+    (PollPolicy(first_s=0.2, interval_s=0.5, growth=0.5, max_interval_s=3.0), 10.0, 3.0),
+    (FIXED_2S, 0.0, 2.0),
+    (FIXED_2S, 2.0, 2.0),
+    (FIXED_2S, 800.0, 2.0),
+])
+def test_poll_wait_is_first_s_then_grows_with_the_tasks_age_up_to_the_cap(
+        policy: PollPolicy, elapsed: float, expected: float) -> None:
+    assert poll_wait(elapsed, policy) == pytest.approx(expected)
+    assert policy.wait(elapsed) == poll_wait(elapsed, policy)
+
+
+@pytest.mark.parametrize("interval", [0.25, 1.0, 2.0, 5.0])
+def test_no_growth_and_first_look_at_the_interval_is_fixed_interval_polling(interval: float) -> None:
+    policy = PollPolicy(first_s=interval, interval_s=interval, growth=0.0, max_interval_s=max(30.0, interval))
+    times = poll_times(policy, 100.0)
+    assert times == pytest.approx([interval * n for n in range(1, len(times) + 1)])
+    assert policy.describe() == f"every {interval:g} s"
+
+
+@pytest.mark.parametrize("duration", [0.3, 0.5, 0.9, 1.5, 2.0, 5.0, 10.0, 30.0, 60.0, 90.0, 119.9, 120.0, 300.0, 900.0])
+def test_the_default_schedule_sees_a_task_within_ten_percent_of_its_duration_plus_one_second(duration: float) -> None:
+    seen = next(t for t in poll_times(PollPolicy(), duration) if t >= duration)
+    assert seen - duration <= 0.1 * duration + 1.0 + 1e-9
+
+
+def test_the_lag_bound_holds_for_every_duration_on_a_fine_grid_up_to_the_default_deadline() -> None:
+    times = poll_times(PollPolicy(), 900.0)
+    worst = 0.0
+    for step in range(1, 90_001):                    # every 10 ms up to 900 s
+        duration = step / 100
+        seen = next(t for t in times if t >= duration)
+        worst = max(worst, (seen - duration) / (0.1 * duration + 1.0))
+    assert worst <= 1.0
+
+
+@pytest.mark.parametrize(("duration", "looks"), [(0.5, 1), (1.0, 2), (10.0, 8), (60.0, 21), (120.0, 28), (900.0, 57)])
+def test_the_default_schedule_needs_few_looks_for_slow_tasks(duration: float, looks: int) -> None:
+    assert len(poll_times(PollPolicy(), duration)) == looks
+    assert len(poll_times(FIXED_2S, 900.0)) == 450  # the old default, for comparison
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"first_s": 0.0},
+    {"first_s": -1.0},
+    {"interval_s": 0.0},
+    {"growth": -0.1},
+    {"growth": math.nan},
+    {"max_interval_s": math.inf},
+    {"interval_s": 5.0, "max_interval_s": 4.0},
+    {"first_s": 40.0},
+    {"interval_s": True},
+])
+def test_invalid_poll_policy_is_refused(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        PollPolicy(**kwargs)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from dispatcher.config import Settings, load_config, parse_config
+from dispatcher.backoff import PollPolicy
+from dispatcher.config import Settings, TargetConfig, load_config, parse_config
 from dispatcher.errors import ConfigError
 
 GOOD = {"targets": {"hostup": {"provider": "hostup", "base_url": "https://cloud.hostup.se/api/v2",
@@ -76,3 +78,53 @@ def test_no_database_or_broker_means_the_embedded_default(tmp_path: Path) -> Non
     settings = Settings(data_dir=tmp_path, database_url=None, broker_url=None)
     assert settings.embedded
     assert settings.resolved_database_url().startswith("sqlite:///")
+
+
+# -- [targets.X.poll]: the NocWorx poll schedule -------------------------------------------------
+
+NOCWORX = {"provider": "nocworx", "base_url": "https://portal.nexcess.net", "api_key_env": "K"}
+
+
+def poll_target(poll: dict[str, Any] | None = None) -> TargetConfig:
+    data = {"targets": {"n": {**NOCWORX, **({"poll": poll} if poll is not None else {})}}}
+    return parse_config(data, Settings(), env={"K": "v"}).target("n")
+
+
+@pytest.mark.parametrize(("poll", "expected"), [
+    (None, PollPolicy(first_s=0.5, interval_s=1.0, growth=0.1, max_interval_s=30.0)),
+    ({"interval_s": 2, "deadline_s": 600}, PollPolicy(first_s=0.5, interval_s=2.0, growth=0.1, max_interval_s=30.0)),
+    ({"interval_s": 0.2}, PollPolicy(first_s=0.2, interval_s=0.2)),   # the first look is never later than that
+    ({"first_s": 1, "interval_s": 0.2}, PollPolicy(first_s=1.0, interval_s=0.2)),
+    ({"first_s": 5, "interval_s": 5, "growth": 0}, PollPolicy(first_s=5.0, interval_s=5.0, growth=0.0)),
+    ({"first_s": 0.25, "interval_s": 0.5, "growth": 0.2, "max_interval_s": 120},
+     PollPolicy(first_s=0.25, interval_s=0.5, growth=0.2, max_interval_s=120.0)),
+])
+def test_poll_settings_become_the_targets_schedule(poll: dict[str, Any] | None, expected: PollPolicy) -> None:
+    target = poll_target(poll)
+    assert target.poll_policy == expected
+    assert target.poll_interval_s == expected.interval_s
+    assert target.poll_deadline_s == float((poll or {}).get("deadline_s", 900))
+
+
+def test_fixed_interval_polling_is_growth_zero_with_the_first_look_at_the_interval() -> None:
+    policy = poll_target({"first_s": 5, "interval_s": 5, "growth": 0}).poll_policy
+    assert [policy.wait(e) for e in (0, 5, 10, 300, 899)] == [5, 5, 5, 5, 5]
+
+
+@pytest.mark.parametrize(("poll", "path"), [
+    ({"first_s": 0}, "targets.n.poll.first_s: Input should be greater than 0"),
+    ({"interval_s": -1}, "targets.n.poll.interval_s: Input should be greater than 0"),
+    ({"growth": -0.1}, "targets.n.poll.growth: Input should be greater than or equal to 0"),
+    ({"growth": float("nan")}, "targets.n.poll.growth"),
+    ({"max_interval_s": float("inf")}, "targets.n.poll.max_interval_s"),
+    ({"max_interval_s": 0}, "targets.n.poll.max_interval_s"),
+    ({"deadline_s": 0}, "targets.n.poll.deadline_s"),
+    ({"growth": "fast"}, "targets.n.poll.growth"),
+    ({"grwoth": 0.1}, "targets.n.poll.grwoth: unknown key"),
+    ({"interval_s": 10, "max_interval_s": 5}, "targets.n.poll.max_interval_s: must not be less than interval_s (10)"),
+    ({"first_s": 10, "max_interval_s": 5}, "targets.n.poll.max_interval_s: must not be less than first_s (10)"),
+])
+def test_bad_poll_settings_fail_naming_the_key_path(poll: dict[str, Any], path: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        poll_target(poll)
+    assert path in str(info.value)
