@@ -9,11 +9,12 @@ Run (needs PostgreSQL and Redis, the same as the test suite)::
 Options:
     --intents N        intents per variant and run, half HostUp, half NocWorx (default 10000)
     --latency L,...    the simulator's response latency in ms, each a separate row (default 0,200)
-    --concurrency C    threads per worker process (default 200, ``dispatcher worker``'s default)
+    --concurrency C    threads per worker process (default 100, ``dispatcher worker``'s default)
     --workers W        worker processes (default 1)
-    --paced M          intents submitted one by one afterwards, to measure latency (default 500)
-    --paced-rate R     ... at R intents per second (default 50: well under capacity, so latency is
-                       the pipeline's own, not a backlog's)
+    --paced M          intents submitted one by one afterwards, to measure latency (default 400)
+    --paced-rate R     ... at R intents per second (default 20: under both variants' capacity on
+                       this machine, so latency is the pipeline's own, not a backlog's; keep it
+                       below the throughput phase's tickets/s)
     --task-delay S     NocWorx tasks resolve S seconds after the 202 (default 0)
     --runs N           repeat everything N times; the table shows medians (default 1)
     --variants V       comma-separated subset of dispatcher,baseline (default both)
@@ -49,7 +50,9 @@ Two phases, each measured for both variants:
    first poll's wait (``[targets.X.poll] first_s``) and a second provider round trip.
 
 Database bytes per intent: the dispatcher's tables (intents, attempts, events, tickets, with their
-indexes and TOAST) over the intents stored, as they are after the run (no VACUUM).
+indexes and TOAST) over the intents stored, as they are after the run (no VACUUM: dead row
+versions included); the JSON also has the figure per table and after ``VACUUM FULL``
+(``compacted_total``, what the rows themselves take once autovacuum has reclaimed the rest).
 
 Goals (issue 9): at 0 ms, >= 300 tickets/s and >= 50 % of the baseline's; at 200 ms, >= 200
 tickets/s with one worker process; HostUp accept-to-ticket p95 < 250 ms + latency; worker RSS
@@ -367,6 +370,13 @@ def run_dispatcher(args: argparse.Namespace, latency: int, sim: Simulator, redis
                 sizes = conn.execute("SELECT t, pg_total_relation_size(t::regclass) FROM unnest(%s::text[]) t",
                                      (list(DISPATCHER_TABLES),)).fetchall()
                 by_table = {t: round(int(n) / int(stored[0])) for t, n in sizes}
+                # as autovacuum would leave it: dead row versions (each intent is updated a few times) reclaimed
+                for table in DISPATCHER_TABLES:
+                    conn.execute(f"VACUUM FULL {table}")
+                compacted = conn.execute("SELECT sum(pg_total_relation_size(t::regclass)) FROM unnest(%s::text[]) t",
+                                         (list(DISPATCHER_TABLES),)).fetchone()
+                assert compacted is not None
+                by_table["compacted_total"] = round(int(compacted[0]) / int(stored[0]))
         finally:
             producer.close()
             for proc in procs:
@@ -503,10 +513,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--intents", type=int, default=10_000)
     parser.add_argument("--latency", default="0,200")
-    parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--paced", type=int, default=500)
-    parser.add_argument("--paced-rate", type=float, default=50.0)
+    parser.add_argument("--paced", type=int, default=400)
+    parser.add_argument("--paced-rate", type=float, default=20.0)
     parser.add_argument("--task-delay", type=float, default=0.0)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--variants", default=",".join(VARIANTS))

@@ -25,9 +25,10 @@ from dispatcher.store.repo import Store
 log = logging.getLogger(__name__)
 
 
-#: database connections a worker's threads share, at most (most of a thread's time is spent waiting
-#: on the provider, not the database); the pool grows by as many again under bursts
-DB_POOL_MAX = 10
+#: database connections a worker's threads share (most of a thread's time is spent waiting on the
+#: provider, not the database), and the few more a burst may open
+DB_POOL_MAX = 20
+DB_POOL_OVERFLOW = 5
 
 
 def transport_for(target: TargetConfig, connections: int = 100) -> HttpTransport:
@@ -74,8 +75,10 @@ def build_runtime(config: AppConfig, *, queue: TaskQueue | None = None, limiter:
     if concurrency is None:
         engine = db.make_engine(url)
     else:
+        # connections beyond the pool's size are closed when given back, and opening one costs more
+        # than a whole dispatch: the pool holds what the threads use at once, and bursts wait briefly
         size = max(1, min(concurrency, DB_POOL_MAX))
-        engine = db.make_engine(url, pool_size=size, max_overflow=size, pre_ping=False)
+        engine = db.make_engine(url, pool_size=size, max_overflow=DB_POOL_OVERFLOW, pre_ping=False)
     connections = max(concurrency or 0, 100)
     store = Store(engine)
     holder: dict[str, Dispatcher] = {}

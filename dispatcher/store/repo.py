@@ -57,6 +57,9 @@ from dispatcher.store.db import is_sqlite
 from dispatcher.store.tables import AttemptRow, EventRow, HeartbeatRow, IntentRow, TargetStateRow, TicketRow
 
 EXCERPT_MAX = 2000
+#: a successful answer is kept shorter: what matters in it (ticket id and number, task uuid, request
+#: id) is in columns of its own, and it is most of an attempt's size (README, Benchmarks: bytes per intent)
+SUCCESS_EXCERPT_MAX = 512
 #: rows per statement in bulk inserts and id look-ups (below every driver's parameter limits)
 BULK_CHUNK = 5000
 #: publishers' clocks may differ this much from the scheduler's (see ``take_due``)
@@ -83,15 +86,25 @@ _INTENTS = cast(Table, IntentRow.__table__)
 _ATTEMPTS = cast(Table, AttemptRow.__table__)
 _EVENTS = cast(Table, EventRow.__table__)
 _STATES = cast(Table, TargetStateRow.__table__)
-_CLAIM = (update(_INTENTS)
-          .where(_INTENTS.c.id == bindparam("b_id"),
-                 _INTENTS.c.status.in_(bindparam("b_statuses", expanding=True)),
-                 _INTENTS.c.next_attempt_at <= bindparam("b_now"),
-                 or_(_INTENTS.c.lease_until.is_(None), _INTENTS.c.lease_until < bindparam("b_now")))
-          .values(deliveries=_INTENTS.c.deliveries + 1)
-          .returning(*_INTENTS.c, select(_STATES.c.paused)
-                     .where(_STATES.c.name == _INTENTS.c.target, _STATES.c.paused.is_(True))
-                     .exists().label("target_paused")))
+_CLAIMS: dict[frozenset[str], Any] = {}
+
+
+def _claim_statement(statuses: frozenset[str]) -> Any:
+    """The claim for one set of statuses (a worker uses two: due for dispatch, polling for polls);
+    the statuses are written into the statement, not expanded into it at every execution."""
+    stmt = _CLAIMS.get(statuses)
+    if stmt is None:
+        stmt = (update(_INTENTS)
+                .where(_INTENTS.c.id == bindparam("b_id"),
+                       or_(*[_INTENTS.c.status == status for status in sorted(statuses)]),
+                       _INTENTS.c.next_attempt_at <= bindparam("b_now"),
+                       or_(_INTENTS.c.lease_until.is_(None), _INTENTS.c.lease_until < bindparam("b_now")))
+                .values(deliveries=_INTENTS.c.deliveries + 1)
+                .returning(*_INTENTS.c, select(_STATES.c.paused)
+                           .where(_STATES.c.name == _INTENTS.c.target, _STATES.c.paused.is_(True))
+                           .exists().label("target_paused")))
+        _CLAIMS[statuses] = stmt
+    return stmt
 _UPDATE_LEASED = update(_INTENTS).where(_INTENTS.c.id == bindparam("b_id"),
                                         _INTENTS.c.leased_by == bindparam("b_worker"))
 _INSERT_ATTEMPT = insert(_ATTEMPTS).returning(_ATTEMPTS.c.id)
@@ -322,11 +335,11 @@ class Store:
         """:meth:`claim`, and whether the intent's target is paused, in one statement (the hot path:
         a worker asks both for every message). The view carries no ticket: a claimable intent has
         none of its own, and nothing on the dispatch path reads it."""
-        params = {"b_id": intent_id, "b_statuses": [s.value for s in statuses], "b_now": now,
+        params = {"b_id": intent_id, "b_now": now,
                   "lease_until": now + timedelta(seconds=lease_s), "leased_by": worker, "updated_at": now,
                   "status": to.value}
         with self.engine.begin() as conn:
-            row = conn.execute(_CLAIM, params).first()
+            row = conn.execute(_claim_statement(frozenset(s.value for s in statuses)), params).first()
         if row is None:
             return None
         return intent_view(cast(Any, row)), bool(row.target_paused)
@@ -412,7 +425,8 @@ class Store:
         """Complete an exchange's record: at once, or (inside :meth:`deferring`) with this thread's next
         write, in its transaction."""
         if "response_excerpt" in values:
-            values["response_excerpt"] = excerpt(values["response_excerpt"])
+            ok = values.get("verdict") in ("done", "poll") and 200 <= (values.get("status_code") or 0) < 300
+            values["response_excerpt"] = excerpt(values["response_excerpt"], SUCCESS_EXCERPT_MAX if ok else EXCERPT_MAX)
         if values.get("error_message"):
             values["error_message"] = excerpt(values["error_message"])
         pending: _Pending | None = getattr(self._local, "pending", None)
