@@ -9,7 +9,7 @@ Run (needs PostgreSQL and Redis, the same as the test suite)::
 Options:
     --intents N        intents per variant and run, half HostUp, half NocWorx (default 10000)
     --latency L,...    the simulator's response latency in ms, each a separate row (default 0,200)
-    --concurrency C    threads per worker process (default 100, ``dispatcher worker``'s default)
+    --concurrency C    threads per worker process (default 64, ``dispatcher worker``'s default)
     --workers W        worker processes (default 1)
     --paced M          intents submitted one by one afterwards, to measure latency (default 400)
     --paced-rate R     ... at R intents per second (default 20: under both variants' capacity on
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--intents", type=int, default=10_000)
     parser.add_argument("--latency", default="0,200")
-    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--paced", type=int, default=400)
     parser.add_argument("--paced-rate", type=float, default=20.0)

@@ -23,7 +23,7 @@ from dispatcher.errors import ConfigError, IntentInvalid, UnknownIntent
 
 EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG, EXIT_UNAVAILABLE = 1, 2, 3, 4
 #: a worker's default thread count: enough for hundreds of requests in flight at 200 ms each (README, Performance)
-WORKER_THREADS = 100
+WORKER_THREADS = 64
 
 # a pipe or a log file gets a readable width instead of rich's 80 columns
 console = Console() if sys.stdout.isatty() or "COLUMNS" in os.environ else Console(width=200)
