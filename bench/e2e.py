@@ -287,6 +287,34 @@ def items_for(count: int, tag: str) -> list[dict[str, Any]]:
              "body": f"Benchmark ticket {n} ({tag}): the disk on vps-{n % 97} is full."} for n in range(count)]
 
 
+# -- the throughput phase, for either variant ----------------------------------------------------------
+
+@dataclass
+class Phase:
+    began: float
+    cpu: float                  # the variant's own processes
+    pg_cpu: float
+    sim_cpu: float
+    rss_mb: float               # the largest peak RSS among the workers
+    by_process: dict[str, float]
+
+
+def throughput_phase(args: argparse.Namespace, procs: list[Proc], workers: list[Proc], sim: Simulator,
+                     workdir: Path, name: str, submit: Any, done: Any) -> Phase:
+    """Submit ``args.intents`` (``submit(items)``) to warm workers, wait until ``done()`` counts them
+    all; CPU over exactly that span, peak RSS at its end."""
+    meter = Meter(procs, sim)
+    meter.start()
+    profiler = start_profiler(args, workers[0], workdir, name)
+    began = time.time()
+    submit(items_for(args.intents, "bulk"))
+    wait_until(done, args.intents, args.timeout, procs, "throughput phase")
+    own, pg, simcpu = meter.stop()
+    stop_profiler(profiler)
+    rss = peak_rss_mb([pid for proc in workers for pid in group_pids(proc.popen.pid)])
+    return Phase(began, own, pg, simcpu, rss, meter.by_process)
+
+
 # -- the dispatcher ----------------------------------------------------------------------------------
 
 def config_text(sim: Simulator) -> str:
@@ -332,20 +360,14 @@ def run_dispatcher(args: argparse.Namespace, latency: int, sim: Simulator, redis
                 producer.service.accept_many(warm, source="bench")
                 wait_until(lambda: finished("warm"), len(warm), 120, procs, "warm-up")
 
-                meter = Meter(procs, sim)
-                meter.start()
-                profiler = start_profiler(args, workers[0], workdir, f"dispatcher-{latency}ms")
-                began = time.time()
-                items = items_for(args.intents, "bulk")
-                for at in range(0, len(items), 1000):
-                    producer.service.accept_many(items[at:at + 1000], source="bench")
-                wait_until(lambda: finished("bulk"), len(items), args.timeout, procs, "throughput phase")
-                own, pg, simcpu = meter.stop()
-                stop_profiler(profiler)
-                rss = peak_rss_mb([pid for proc in workers for pid in group_pids(proc.popen.pid)])
+                def accept_bulk(items: list[dict[str, Any]]) -> None:
+                    for at in range(0, len(items), 1000):
+                        producer.service.accept_many(items[at:at + 1000], source="bench")
+
+                phase = throughput_phase(args, procs, workers, sim, workdir, f"dispatcher-{latency}ms", accept_bulk,
+                                         lambda: finished("bulk"))
                 times = [float(r[0]) for r in conn.execute(
                     "SELECT extract(epoch FROM finished_at) FROM intents WHERE subject LIKE 'bulk %'")]
-                ended = max(times)
 
                 sent_at: dict[str, float] = {}
                 paced = items_for(args.paced, "paced")
@@ -366,7 +388,8 @@ def run_dispatcher(args: argparse.Namespace, latency: int, sim: Simulator, redis
                 size = conn.execute("SELECT sum(pg_total_relation_size(t::regclass)) FROM unnest(%s::text[]) t",
                                     (list(DISPATCHER_TABLES),)).fetchone()
                 assert stored is not None and size is not None and succeeded is not None
-                by_status = dict(conn.execute("SELECT status, count(*) FROM intents GROUP BY status").fetchall())
+                by_status: dict[str, int] = dict(
+                    conn.execute("SELECT status, count(*) FROM intents GROUP BY status").fetchall())
                 sizes = conn.execute("SELECT t, pg_total_relation_size(t::regclass) FROM unnest(%s::text[]) t",
                                      (list(DISPATCHER_TABLES),)).fetchall()
                 by_table = {t: round(int(n) / int(stored[0])) for t, n in sizes}
@@ -381,9 +404,9 @@ def run_dispatcher(args: argparse.Namespace, latency: int, sim: Simulator, redis
             producer.close()
             for proc in procs:
                 proc.stop()
-    return result("dispatcher", latency, args, times, began, ended, int(succeeded[0]), own, pg, simcpu, rss,
-                  latencies, float(size[0]) / int(stored[0]), int(stored[1]) / int(stored[0]),
-                  {"statuses": by_status, "cpu_s": meter.by_process, "bytes_per_intent": by_table})
+    return result("dispatcher", latency, args, times, phase, int(succeeded[0]), latencies,
+                  float(size[0]) / int(stored[0]), int(stored[1]) / int(stored[0]),
+                  {"statuses": by_status, "cpu_s": phase.by_process, "bytes_per_intent": by_table})
 
 
 # -- the baseline ------------------------------------------------------------------------------------
@@ -422,18 +445,10 @@ def run_baseline(args: argparse.Namespace, latency: int, sim: Simulator, redis_u
                 send(warm)
                 wait_until(lambda: finished("warm"), len(warm), 120, procs, "warm-up")
 
-                meter = Meter(procs, sim)
-                meter.start()
-                profiler = start_profiler(args, procs[0], workdir, f"baseline-{latency}ms")
-                began = time.time()
-                send(items_for(args.intents, "bulk"))
-                wait_until(lambda: finished("bulk"), args.intents, args.timeout, procs, "throughput phase")
-                own, pg, simcpu = meter.stop()
-                stop_profiler(profiler)
-                rss = peak_rss_mb([pid for proc in procs for pid in group_pids(proc.popen.pid)])
+                phase = throughput_phase(args, procs, procs, sim, workdir, f"baseline-{latency}ms", send,
+                                         lambda: finished("bulk"))
                 times = [float(r[0]) for r in conn.execute(
                     "SELECT finished_at FROM bench_ticket WHERE answer LIKE '%bulk %'")]
-                ended = max(times)
                 paced = items_for(args.paced, "paced")
                 pace(args.paced, args.paced_rate, lambda n: send([paced[n]]))
                 wait_until(lambda: finished("paced"), args.paced, args.timeout, procs, "latency phase")
@@ -446,12 +461,11 @@ def run_baseline(args: argparse.Namespace, latency: int, sim: Simulator, redis_u
         finally:
             for proc in procs:
                 proc.stop()
-    return result("baseline", latency, args, times, began, ended, len(times), own, pg, simcpu, rss, latencies,
-                  float(size[0]) / int(stored[0]), 0.0, {})
+    return result("baseline", latency, args, times, phase, len(times), latencies, float(size[0]) / int(stored[0]),
+                  0.0, {"cpu_s": phase.by_process})
 
 
-def result(variant: str, latency: int, args: argparse.Namespace, times: list[float], began: float, ended: float,
-           succeeded: int, own: float, pg: float, simcpu: float, rss: float,
+def result(variant: str, latency: int, args: argparse.Namespace, times: list[float], phase: Phase, succeeded: int,
            latencies: dict[str, tuple[str, float]], db_bytes: float, attempts: float,
            extra: dict[str, Any]) -> RunResult:
     every = [ms for _, ms in latencies.values()]
@@ -460,9 +474,9 @@ def result(variant: str, latency: int, args: argparse.Namespace, times: list[flo
     per_1000 = 1000 / max(1, len(times))
     return RunResult(
         variant=variant, latency_ms=latency, intents=args.intents, done=len(times), succeeded=succeeded,
-        tickets_per_s=round(sustained_rate(times), 1), phase_s=round(ended - began, 2),
-        cpu_per_1000=round(own * per_1000, 2), pg_cpu_per_1000=round(pg * per_1000, 2),
-        sim_cpu_per_1000=round(simcpu * per_1000, 2), peak_rss_mb=round(rss, 1),
+        tickets_per_s=round(sustained_rate(times), 1), phase_s=round(max(times) - phase.began, 2),
+        cpu_per_1000=round(phase.cpu * per_1000, 2), pg_cpu_per_1000=round(phase.pg_cpu * per_1000, 2),
+        sim_cpu_per_1000=round(phase.sim_cpu * per_1000, 2), peak_rss_mb=round(phase.rss_mb, 1),
         p50_ms=round(percentile(every, 50), 1), p95_ms=round(percentile(every, 95), 1),
         p99_ms=round(percentile(every, 99), 1), hostup_p95_ms=round(percentile(hostup, 95), 1),
         nocworx_p95_ms=round(percentile(nocworx, 95), 1), db_bytes_per_intent=round(db_bytes),

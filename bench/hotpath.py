@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"round {n + 1}: dispatcher {ours[-1][0]:.2f} ms CPU / {ours[-1][1]:.2f} ms wall, "
                               f"baseline {theirs[-1][0]:.2f} / {theirs[-1][1]:.2f} ms per intent", flush=True)
                     with rt.store.engine.connect() as conn:
-                        states = dict(conn.execute(text("SELECT status, count(*) FROM intents GROUP BY status")).all())
+                        states: dict[str, int] = dict(
+                            conn.execute(text("SELECT status, count(*) FROM intents GROUP BY status")).all())
                     assert set(states) == {"succeeded"}, f"every intent succeeded: {states}"
                 finally:
                     rt.close()

@@ -497,13 +497,6 @@ class Store:
             return s.scalar(select(func.min(AttemptRow.started_at)).where(AttemptRow.intent_id == intent_id,
                                                                           AttemptRow.op == "create", _MAYBE_MADE))
 
-    def record_ticket(self, intent: IntentView, *, provider_id: str, number: str | None, url: str | None,
-                      department: str | None, now: datetime) -> None:
-        with self.engine.begin() as conn:
-            self._insert_ticket(conn, {"intent_id": intent.id, "target": intent.target,
-                                       "provider": intent.provider.value, "provider_ticket_id": provider_id,
-                                       "number": number, "url": url, "department": department, "created_at": now})
-
     def ticket_of(self, intent_id: uuid.UUID) -> TicketView | None:
         with self.session() as s:
             row = s.scalar(select(TicketRow).where(TicketRow.intent_id == intent_id))
