@@ -266,6 +266,7 @@ def test_hostup_reply_to_a_closed_ticket_is_409_until_reopened(hostup: httpx.Cli
 
 def test_nocworx_add_is_202_task_that_polls_to_success_with_a_ticket_resource(
         sim: RunningSimulator, nocworx: httpx.Client) -> None:
+    sim.configure(task_delay_s=0.5)  # long enough to see it pending, even on a loaded machine
     comment, marker = marked("It was DNS.")
     submitted = {"department": "support", "category": "dns", "subject": "It can't be DNS",
                  "comment": comment, "service_id": 42, "recipients": ["ops@example.com"]}
