@@ -21,6 +21,7 @@ pyinstrument profile of one dispatcher round is printed (and saved as HTML under
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import resource
 import statistics
@@ -123,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ.update(BENCH_HOSTUP_KEY=HOSTUP_KEY, BENCH_NOCWORX_KEY=NOCWORX_KEY)
                 config = load_config(Settings(database_url=database_url, redis_url=redis_url,
                                               config=workdir / "dispatcher.toml"))
-                rt = build_runtime(config, queue=NoQueue(), concurrency=1)
+                # ``concurrency`` sizes the worker's pools; builds before it existed run with their defaults
+                sized = {"concurrency": 1} if "concurrency" in inspect.signature(build_runtime).parameters else {}
+                rt = build_runtime(config, queue=NoQueue(), **sized)
 
                 def count(*_: Any) -> None:
                     counter["statements"] += 1

@@ -8,12 +8,13 @@ answer means; this module decides what happens next and records it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -360,9 +361,16 @@ class Dispatcher:
 
     def dispatch(self, intent_id: uuid.UUID) -> None:
         """Resolve, send and record one intent, if it is due and nobody else holds it."""
+        with self._one_message():
+            self._dispatch(intent_id)
+
+    @contextlib.contextmanager
+    def _one_message(self) -> Iterator[None]:
+        """One task's work on this thread: its records wait for the intent's next write
+        (:meth:`Store.deferring`), and the lease it takes is timed from the claim (``_claimed.at``)."""
         with self.store.deferring():
             try:
-                self._dispatch(intent_id)
+                yield
             finally:
                 self._claimed.at = None
 
@@ -659,11 +667,8 @@ class Dispatcher:
 
     def poll(self, intent_id: uuid.UUID) -> None:
         """Ask a NocWorx task how it went; never re-submit it."""
-        with self.store.deferring():
-            try:
-                self._poll(intent_id)
-            finally:
-                self._claimed.at = None
+        with self._one_message():
+            self._poll(intent_id)
 
     def _poll(self, intent_id: uuid.UUID) -> None:
         now = self.clock()

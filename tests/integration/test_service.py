@@ -21,6 +21,7 @@ from dispatcher.runtime import Runtime
 from dispatcher.simulator import RunningSimulator
 from dispatcher.store.tables import AttemptRow, IntentRow
 from tests.conftest import make_config
+from tests.integration.test_delivery import Swallow
 
 
 def wait_terminal(rt: Runtime, ids: list[uuid.UUID], timeout: float = 30.0,
@@ -210,19 +211,6 @@ def test_a_task_that_stays_pending_fails_at_the_deadline_and_is_never_resubmitte
     assert len(creates) == 1
 
 
-class Recorded:
-    """A broker that keeps what was published and delivers nothing: the test is the worker."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, uuid.UUID, float]] = []
-
-    def enqueue(self, task: str, intent_id: uuid.UUID, *, target: str, countdown: float = 0.0) -> None:
-        self.sent.append((task, intent_id, countdown))
-
-    def enqueue_many(self, task: str, items: list[tuple[uuid.UUID, str]]) -> None:
-        self.sent.extend((task, intent_id, 0.0) for intent_id, _ in items)
-
-
 class FakeClock:
     def __init__(self) -> None:
         self.now = datetime.now(UTC)
@@ -245,7 +233,7 @@ def test_a_pending_task_is_polled_quickly_first_then_less_often_as_it_ages_and_o
         database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
     simulator.configure(task_stuck_rate=1.0)
     poll = {"first_s": 0.5, "interval_s": 1, "growth": 0.2, "max_interval_s": 4, "deadline_s": 40}
-    queue = Recorded()
+    queue = Swallow()
     rt = make_runtime(make_config(simulator, database_url=database_url, nocworx={"poll": poll}), queue=queue)
     clock = FakeClock()
     rt.service.clock = clock
@@ -275,7 +263,7 @@ def test_fixed_interval_polling_is_growth_zero_with_the_first_look_at_the_interv
         database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
     simulator.configure(task_stuck_rate=1.0)
     poll = {"first_s": 2, "interval_s": 2, "growth": 0, "deadline_s": 9}
-    queue = Recorded()
+    queue = Swallow()
     rt = make_runtime(make_config(simulator, database_url=database_url, nocworx={"poll": poll}), queue=queue)
     clock = FakeClock()
     rt.service.clock = clock
@@ -293,7 +281,7 @@ def test_fixed_interval_polling_is_growth_zero_with_the_first_look_at_the_interv
 def test_a_retry_after_on_a_poll_answer_is_honoured_over_the_schedule_and_the_deadline(
         database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
     simulator.configure(task_stuck_rate=1.0)
-    queue = Recorded()
+    queue = Swallow()
     rt = make_runtime(make_config(simulator, database_url=database_url, nocworx={"poll": {"deadline_s": 3}}),
                       queue=queue)
     clock = FakeClock()
