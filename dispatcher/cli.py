@@ -20,6 +20,7 @@ from rich.console import Console
 
 from dispatcher.config import AppConfig, Settings, load_config
 from dispatcher.errors import ConfigError, IntentInvalid, UnknownIntent
+from dispatcher.heap import settle_heap
 
 EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG, EXIT_UNAVAILABLE = 1, 2, 3, 4
 #: a worker's default thread count: enough for hundreds of requests in flight at 200 ms each (README, Performance)
@@ -132,6 +133,7 @@ def api(host: str | None, port: int | None) -> None:
     config = _config()
     _logging(config)
     runtime = build_runtime(config)
+    settle_heap()
     try:
         _serve_api(runtime, host or config.settings.api_host, port or config.settings.api_port)
     finally:
@@ -183,6 +185,7 @@ def scheduler() -> None:
     _logging(config)
     runtime = build_runtime(config)
     _serve_metrics(runtime)
+    settle_heap()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -218,6 +221,7 @@ def run(host: str | None, port: int | None, threads: int) -> None:
     from dispatcher.health import WORKER, Heartbeat
 
     runtime = build_runtime(config, threads=threads)
+    settle_heap()
     _, stop = start_in_thread(runtime.service)
     beat = Heartbeat(runtime.store.beat, runtime.store.forget_heartbeat, WORKER, config.settings.worker_name,
                      info={"pool": "in-process", "concurrency": threads}).start()

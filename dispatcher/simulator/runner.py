@@ -120,5 +120,11 @@ def start_in_thread(settings: SimulatorSettings | None = None, host: str = "127.
 
 
 def serve(settings: SimulatorSettings | None = None, host: str = "127.0.0.1", port: int = 8765) -> None:
-    """Serve until interrupted (``dispatcher simulate``)."""
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", lifespan="off")
+    """Serve until interrupted (``dispatcher simulate``). Its own process, so its start-up heap is
+    frozen: the arrival times it logs are what rate-limit checks judge, and a full collection would
+    hold them back (see :mod:`dispatcher.heap`)."""
+    from dispatcher.heap import settle_heap
+
+    app = create_app(settings)
+    settle_heap()
+    uvicorn.run(app, host=host, port=port, log_level="info", lifespan="off")

@@ -76,6 +76,15 @@ def _own_logging(**_: Any) -> None:
             celery.apps.worker.safe_say = logs.say_json
 
 
+def _settle(**_: Any) -> None:
+    """Before the pool starts (and forks, for prefork): what start-up built out of the collector's
+    sight, so a full collection does not stall every thread mid-send (see :mod:`dispatcher.heap`)."""
+    from dispatcher.heap import settle_heap
+
+    frozen = settle_heap()
+    log.debug("startup heap frozen", extra={"objects": frozen})
+
+
 def _on_ready(sender: Any = None, **_: Any) -> None:
     """The worker consumes: start its heartbeat and, if asked, its metrics endpoint (main process)."""
     import os
@@ -130,6 +139,7 @@ def create_worker_app(config: AppConfig, *, threads: int = 1) -> Celery:
     worker_process_init.connect(_reset_after_fork, weak=False)
     worker_process_shutdown.connect(_close, weak=False)
     celery_signals.setup_logging.connect(_own_logging, weak=False)
+    celery_signals.worker_init.connect(_settle, weak=False)
     celery_signals.worker_ready.connect(_on_ready, weak=False)
     celery_signals.worker_shutdown.connect(_on_shutdown, weak=False)
 
