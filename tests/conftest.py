@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from dispatcher.config import AppConfig, Settings, parse_config
+from dispatcher.heap import settle_heap
 from dispatcher.simulator import RunningSimulator, SimulatorSettings, start_in_thread
 from dispatcher.store import db
 
@@ -99,6 +100,16 @@ def redis_url(redis_db: int) -> Iterator[str]:
     yield url
     client.flushdb()
     client.close()
+
+
+@pytest.fixture
+def steady_judge() -> None:
+    """For a test whose judge is a simulator in a thread of this process, stamping arrival times to
+    the millisecond: the test process's heap (the whole suite's, hundreds of thousands of objects)
+    is frozen, as a long-lived dispatcher process freezes its own (dispatcher.heap), so that a full
+    collection does not hold the simulator back for tens of milliseconds and bunch the arrivals it
+    records."""
+    settle_heap()
 
 
 @pytest.fixture

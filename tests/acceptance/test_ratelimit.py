@@ -21,6 +21,7 @@ import redis
 
 from dispatcher.config import AppConfig, Settings, parse_config
 from dispatcher.domain import TERMINAL_STATUSES, Status
+from dispatcher.heap import settle_heap
 from dispatcher.runtime import Runtime, build_runtime
 from dispatcher.simulator import RunningSimulator, SimulatorSettings, start_in_thread
 from dispatcher.simulator.audit import arrivals, busiest_window, sent_early, throttled
@@ -62,6 +63,7 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, pg_template: str, redis_db: int) -> Iterator[Fleet]:
+    settle_heap()   # the judge stamps arrivals in a thread of this process: see tests/conftest.py steady_judge
     workdir = tmp_path_factory.mktemp("ratelimit")
     dbname = f"dispatcher_rl_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
