@@ -48,6 +48,7 @@ def _queues(config: AppConfig) -> list[Any]:
 
 def make_celery(config: AppConfig) -> Celery:
     broker = config.settings.broker_url
+    reuse_one_broker_client()
     app = Celery("dispatcher", broker=broker, set_as_current=False)
     app.conf.update(
         task_acks_late=True,
@@ -114,6 +115,37 @@ def free_prefetch_slots_when_acks_fail() -> None:
 
     qos.ack, qos.reject = safe_ack, safe_reject
     qos._dispatcher_frees_slots = True
+
+
+def reuse_one_broker_client() -> None:
+    """Let each kombu Redis channel keep one client for its synchronous commands.
+
+    kombu builds a new ``redis.Redis`` for every command it sends outside its event loop
+    (``Channel.conn_or_acquire``): storing each delivered message as unacked, every ack, every
+    publish from a task. The connection comes from the channel's pool either way, but building the
+    client (its table of response callbacks) was 3.6 % of a busy worker's CPU in the profile of
+    bench/e2e.py. A ``redis.Redis`` is safe to share between threads (each command takes a
+    connection from the pool and gives it back), so one per channel does the same work; it is built
+    again whenever the channel's pool is replaced (kombu does that after a connection error).
+    """
+    from kombu.transport import redis as kombu_redis
+
+    channel: Any = kombu_redis.Channel
+    if getattr(channel, "_dispatcher_reuses_client", False):
+        return
+
+    @contextlib.contextmanager
+    def conn_or_acquire(self: Any, client: Any = None) -> Any:
+        if client:
+            yield client
+            return
+        mine = self.__dict__.get("_dispatcher_client")
+        if mine is None or mine.connection_pool is not self.pool:
+            mine = self._dispatcher_client = self._create_client()
+        yield mine
+
+    channel.conn_or_acquire = conn_or_acquire
+    channel._dispatcher_reuses_client = True
 
 
 class CeleryQueue:
