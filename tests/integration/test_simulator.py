@@ -207,8 +207,9 @@ def test_hostup_rate_limit_is_429_with_retry_after_seconds_and_iso_reset(sim: Ru
     assert refused.headers["X-RateLimit-Limit"] == "2"
     assert refused.headers["X-RateLimit-Remaining"] == "0"
     reset = datetime.fromisoformat(refused.headers["X-RateLimit-Reset"].replace("Z", "+00:00")).timestamp()
-    assert sim.stats()["hostup"]["429"] >= 2
     logged = [r for r in sim.requests(provider="hostup", since=since) if r["throttled"] and r["status"] == 429]
+    refusals = sum(a.status_code == 429 for a in answers)   # 3 if the 5 share a window, fewer across an edge
+    assert sim.stats()["hostup"]["429"] == len(logged) == refusals
     # the reset is the end of the window the refused request arrived in (judged from its arrival, not
     # from now: a window edge may pass between the answer and this line)
     arrived = logged[0]["at"]
