@@ -42,3 +42,14 @@ def test_the_end_to_end_benchmark_makes_every_ticket_for_both_variants(tmp_path:
         assert ours[figure] > 0, figure
     [run] = saved["runs"]["0ms/dispatcher"]
     assert run["attempts_per_intent"] >= 1.0  # every intent's exchanges are on record
+
+
+def test_the_gc_pause_benchmark_compares_a_settled_heap_with_the_default() -> None:
+    out = run_bench("bench.gc_pause", "--runs", "1").stdout
+    assert "settled / as-is:" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.startswith(("as-is", "settled")) and "/" not in line}
+    walked_as_is, walked_settled, frozen = (int(rows["as-is"][1].replace(",", "")),
+                                            int(rows["settled"][1].replace(",", "")),
+                                            int(rows["settled"][2].replace(",", "")))
+    assert frozen > 0 and walked_settled < walked_as_is      # the worker's start-up objects left the collector's sight
