@@ -36,7 +36,7 @@ from pathlib import Path
 
 from dispatcher.config import Settings, load_config
 from dispatcher.heap import settle_heap
-from dispatcher.worker.tasks import create_worker_app, runtime, _state
+from dispatcher.worker.tasks import create_worker_app, runtime
 
 workdir = Path(sys.argv[2])
 config_file = workdir / "dispatcher.toml"
@@ -56,7 +56,7 @@ config = load_config(Settings(database_url=f"sqlite:///{workdir / 'db.sqlite'}",
 create_worker_app(config, threads=64)
 from dispatcher.store import db
 db.upgrade(config.settings.resolved_database_url())
-rt = runtime()
+runtime()  # the worker's service: engine, limiter, adapters, transports
 if sys.argv[1] == "settled":
     settle_heap()
 # the working set a busy worker keeps: caches of recent answers, some with reference cycles

@@ -98,6 +98,7 @@ def _serve_api(runtime: Any, host: str, port: int, *, in_thread: bool = False) -
     # log_config=None: uvicorn's loggers go through ours (JSON lines), not a text handler of its own
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                            log_config=None))
+    settle_heap()  # once the web app is built too (see dispatcher.heap)
     if in_thread:
         thread = threading.Thread(target=server.run, name="dispatcher-api", daemon=True)
         thread.start()
@@ -133,7 +134,6 @@ def api(host: str | None, port: int | None) -> None:
     config = _config()
     _logging(config)
     runtime = build_runtime(config)
-    settle_heap()
     try:
         _serve_api(runtime, host or config.settings.api_host, port or config.settings.api_port)
     finally:
@@ -221,7 +221,6 @@ def run(host: str | None, port: int | None, threads: int) -> None:
     from dispatcher.health import WORKER, Heartbeat
 
     runtime = build_runtime(config, threads=threads)
-    settle_heap()
     _, stop = start_in_thread(runtime.service)
     beat = Heartbeat(runtime.store.beat, runtime.store.forget_heartbeat, WORKER, config.settings.worker_name,
                      info={"pool": "in-process", "concurrency": threads}).start()
