@@ -195,26 +195,62 @@ def stop_profiler(profiler: tuple[Any, Path] | None) -> None:
     popen.send_signal(signal.SIGINT)
     popen.wait(timeout=60)
     print(f"   profile: {out}")
-    print(profile_summary(out), flush=True)
+    print(profile_summary(out))
+    print("   by owner:")
+    print(profile_owners(out), flush=True)
+
+
+def _stacks(path: Path) -> list[tuple[list[str], int]]:
+    """py-spy's raw format: one stack per line (frames joined by ';'), its sample count last."""
+    out = []
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            out.append((stack.split(";"), int(count)))
+    return out
 
 
 def profile_summary(path: Path, top: int = 25) -> str:
-    """Inclusive share of samples per function (py-spy raw format: one stack per line, count last)."""
+    """Inclusive share of samples per function."""
     inclusive: dict[str, int] = {}
-    total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        total += int(count)
+    stacks = _stacks(path)
+    total = sum(count for _, count in stacks)
+    for frames, count in stacks:
         seen = set()
-        for frame in stack.split(";"):
+        for frame in frames:
             name = frame.split(" (")[0] + " (" + frame.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1] + ")" \
                 if " (" in frame else frame
             if name not in seen:
                 seen.add(name)
-                inclusive[name] = inclusive.get(name, 0) + int(count)
+                inclusive[name] = inclusive.get(name, 0) + count
     rows = sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]
+    return "\n".join(f"   {100 * n / max(1, total):5.1f}%  {name}" for name, n in rows)
+
+
+#: who spends a sample: the first rule whose marks appear anywhere in its stack (order matters: the
+#: limiter's and the store's Redis / SQL calls count as theirs, not as the libraries')
+OWNERS = (
+    ("rate limiter (its Redis script)", ("ratelimit.py",)),
+    ("PostgreSQL (SQLAlchemy + psycopg)", ("store/repo.py", "psycopg/", "sqlalchemy/")),
+    ("httpx", ("providers/http.py",)),
+    ("Celery: publishing the poll", ("CeleryQueue", "send_task")),
+    ("own code (service, routing, adapters, metrics, logs)", ("service.py",)),
+    ("Celery/kombu: storing a delivered message as unacked", ("QoS.append",)),
+    ("Celery/kombu: acks", ("QoS.ack", "basic_ack", "Message.ack")),
+    ("Celery/kombu: consumer loop, task tracing", ("kombu", "celery")),
+)
+
+
+def profile_owners(path: Path) -> str:
+    """Share of samples by who spends them (:data:`OWNERS`); the README's "where a worker's time goes"."""
+    shares: dict[str, int] = {}
+    stacks = _stacks(path)
+    total = sum(count for _, count in stacks)
+    for frames, count in stacks:
+        joined = ";".join(frames)
+        owner = next((name for name, marks in OWNERS if any(mark in joined for mark in marks)), "other")
+        shares[owner] = shares.get(owner, 0) + count
+    rows = sorted(shares.items(), key=lambda kv: -kv[1])
     return "\n".join(f"   {100 * n / max(1, total):5.1f}%  {name}" for name, n in rows)
 
 

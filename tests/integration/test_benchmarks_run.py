@@ -53,3 +53,16 @@ def test_the_gc_pause_benchmark_compares_a_settled_heap_with_the_default() -> No
                                             int(rows["settled"][1].replace(",", "")),
                                             int(rows["settled"][2].replace(",", "")))
     assert frozen > 0 and walked_settled < walked_as_is      # the worker's start-up objects left the collector's sight
+
+
+def test_a_profile_is_shared_out_by_who_spends_each_sample(tmp_path: Path) -> None:
+    from bench.e2e import profile_owners
+
+    raw = tmp_path / "raw.txt"
+    raw.write_text("run (celery/app/trace.py:1);_exchange (dispatcher/service.py:2);"
+                   "acquire (dispatcher/ratelimit.py:3) 3\n"
+                   "run (celery/app/trace.py:1);release (dispatcher/store/repo.py:4);execute (psycopg/cursor.py:5) 6\n"
+                   "on_readable (kombu/transport/redis.py:6);append (kombu/transport/redis.py:7) 1\n")
+    shares = {line.split("%", 1)[1].strip(): float(line.split("%")[0]) for line in profile_owners(raw).splitlines()}
+    assert shares == {"PostgreSQL (SQLAlchemy + psycopg)": 60.0, "rate limiter (its Redis script)": 30.0,
+                      "Celery/kombu: consumer loop, task tracing": 10.0}

@@ -45,8 +45,8 @@ def send_until(redis_url: str, base_url: str, ready: Any) -> None:
     the service does) and send a create, for RUN_S seconds from when every process is ready (the
     ``ready`` barrier: spawning and importing take seconds on a loaded machine); every answer is
     fed back to the limiter. Its start-up heap is frozen as a worker's is (dispatcher.heap): left
-    to the collector, a full collection stalled a thread 60-110 ms between its token and its send,
-    and the provider saw 11 requests in one of its windows."""
+    to the collector, a full collection (~80 ms, bench/gc_pause.py) stalled a thread between its
+    token and its send, and the provider saw 11 requests in one of its windows."""
     limiter = RedisLimiter(redis.Redis.from_url(redis_url))
     target = hostup_target(base_url)
     adapter = HostUpAdapter()
