@@ -324,11 +324,10 @@ class Dispatcher:
             if existing is None:
                 raise
             return Accepted(existing, replay=True)
+        accepted = self.store.view_of(row)  # as committed: the worker may move it once published
         self._publish(DISPATCH, [(row.id, target.name)])
         metrics.accepted(source, target.name)
-        stored = self.store.get(row.id)
-        assert stored is not None
-        return Accepted(stored, replay=False)
+        return Accepted(accepted, replay=False)
 
     def _publish(self, task: str, items: list[tuple[uuid.UUID, str]], countdown: float = 0.0) -> None:
         """Publish after commit. A failure is logged, not raised: the scheduler re-enqueues (outbox)."""
@@ -966,11 +965,10 @@ class Dispatcher:
 
         decision, row, group = self.groups.accept(target=target.name, group_key=key, kind=kind, now=now,
                                                   incoming_state=state, decide=decide_here, build=build)
+        accepted = self.store.view_of(row)  # as committed: the worker may move it once published
         if decision.action is not Action.none and decision.delay_s <= short:
             self._publish(DISPATCH, [(row.id, target.name)], countdown=decision.delay_s)
-        stored = self.store.get(row.id)
-        assert stored is not None
-        return GroupAccepted(stored, decision.action, decision.reason, group)
+        return GroupAccepted(accepted, decision.action, decision.reason, group)
 
     # -- dry run ---------------------------------------------------------------------------------
 

@@ -289,6 +289,18 @@ class Store:
                                  .order_by(AttemptRow.id)).all()
         return intent_view(row, ticket, attempts)
 
+    def view_of(self, row: IntentRow) -> IntentView:
+        """The view of a row this process just committed, as committed: not re-read.
+
+        ``accept`` answers with the intent as accepted (``queued``); re-reading it after the
+        publish races the worker, which may already have it ``sending``. Only a group follow-up
+        can already point at a ticket, so only then is one looked up.
+        """
+        if not (row.payload and row.payload.get("ticket")):
+            return intent_view(row)
+        with self.session() as s:
+            return self._view(s, row)
+
     def get(self, intent_id: uuid.UUID, *, with_attempts: bool = False) -> IntentView | None:
         with self.session() as s:
             row = s.get(IntentRow, intent_id)

@@ -369,3 +369,33 @@ def test_an_early_message_is_put_back_until_its_time(
     before = len(simulator.requests())
     rt.service.dispatch(other)
     assert len(simulator.requests()) == before
+
+
+class _WorkerFirst:
+    """A queue whose worker takes the intent before ``enqueue`` returns: the race at its worst."""
+
+    def __init__(self) -> None:
+        self.service: Any = None
+
+    def enqueue(self, task: str, intent_id: uuid.UUID, *, target: str, countdown: float = 0.0) -> None:
+        from dispatcher.runtime import run_task
+
+        run_task(self.service, task, intent_id)
+
+    def enqueue_many(self, task: str, items: list[tuple[uuid.UUID, str]]) -> None:
+        for intent_id, target in items:
+            self.enqueue(task, intent_id, target=target)
+
+
+def test_accept_answers_with_the_intent_as_accepted_even_when_a_worker_has_already_sent_it(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    queue = _WorkerFirst()
+    rt = make_runtime(make_config(simulator, database_url=database_url), queue=queue)
+    queue.service = rt.service
+    accepted = rt.service.accept({"target": "hostup", "topic": "vps", "subject": "Raced", "body": "Body text."})
+
+    assert accepted.replay is False
+    assert accepted.intent.status is Status.queued
+    assert accepted.intent.attempts == 0 and accepted.intent.ticket is None
+    # the answer is a snapshot: the stored intent has moved on
+    assert rt.service.get(accepted.intent.id).status is Status.succeeded
