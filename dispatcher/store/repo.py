@@ -2,7 +2,9 @@
 
 Every method is one short transaction; none is held open across an HTTP call. Claims are
 conditional UPDATEs (``... WHERE status IN (...) AND next_attempt_at <= now``) so that a message
-delivered twice, or two schedulers, cannot both win: the second finds nothing to do.
+delivered twice, or two schedulers, cannot both win: the second finds nothing to do. On PostgreSQL
+the worker's single-statement writes (the claim, an attempt's record) run in autocommit: one
+statement is atomic by itself, and BEGIN and COMMIT would be two more round trips each.
 """
 
 from __future__ import annotations
@@ -163,6 +165,7 @@ class _Pending:
 
     attempts: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     intents: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
 
 
 class LeaseLost(Exception):
@@ -184,11 +187,24 @@ class Store:
         self.sessions = sessionmaker(engine, expire_on_commit=False)
         self.skip_locked = not is_sqlite(engine)
         self._local = threading.local()
+        # the same pool, each checkout in autocommit (SQLite keeps plain transactions)
+        self._autocommit = None if is_sqlite(engine) else engine.execution_options(isolation_level="AUTOCOMMIT")
 
     # -- plumbing ------------------------------------------------------------------------------
 
     def session(self) -> Session:
         return self.sessions()
+
+    @contextmanager
+    def _one_statement(self) -> Iterator[Connection]:
+        """A connection for ONE write statement, which is its own transaction: on PostgreSQL in
+        autocommit, with no BEGIN and COMMIT round trips. Never for two statements."""
+        if self._autocommit is None:
+            with self.engine.begin() as conn:
+                yield conn
+        else:
+            with self._autocommit.connect() as conn:
+                yield conn
 
     @staticmethod
     def unavailable(exc: DBAPIError) -> StoreUnavailable:
@@ -350,7 +366,7 @@ class Store:
         params = {"b_id": intent_id, "b_now": now,
                   "lease_until": now + timedelta(seconds=lease_s), "leased_by": worker, "updated_at": now,
                   "status": to.value}
-        with self.engine.begin() as conn:
+        with self._one_statement() as conn:
             row = conn.execute(_claim_statement(frozenset(s.value for s in statuses)), params).first()
         if row is None:
             return None
@@ -410,27 +426,38 @@ class Store:
         ``intent_values`` and ``event`` (e.g. the department just resolved, and why) are written in
         the same transaction, under the same lease check. ``renew_lease=False``: the caller took the
         lease moments ago (it cannot have expired), so neither check nor renew it; inside
-        :meth:`deferring`, ``intent_values`` then wait for the intent's next write (one UPDATE less).
+        :meth:`deferring`, ``intent_values`` and ``event`` then wait for the intent's next write, and
+        the record, then one INSERT, commits by itself (the worker's usual case).
         """
+        pending: _Pending | None = getattr(self._local, "pending", None)
+        checks_lease = lease_s is not None and renew_lease
+        attempt = {"intent_id": intent_id, "number": number, "op": op, "method": method, "path": path[:500],
+                   "request": request, "worker": worker, "started_at": now}
+        new_event = None if event is None else {"intent_id": intent_id, "at": now, "kind": event[0],
+                                                "message": event[1], "data": None, "actor": None}
+        if pending is not None and not checks_lease:  # the rest waits for the intent's next write
+            if intent_values:
+                pending.intents.setdefault(intent_id, {}).update(intent_values)
+            if new_event is not None:
+                pending.events.append(new_event)
+            if not pending.attempts:
+                with self._one_statement() as conn:
+                    return int(conn.execute(_INSERT_ATTEMPT, attempt).scalar_one())
+            intent_values = new_event = None
         with self.engine.begin() as conn:
             self._flush_pending(conn)
-            pending: _Pending | None = getattr(self._local, "pending", None)
-            if lease_s is not None and renew_lease:
+            if checks_lease:
+                assert lease_s is not None
                 changes: dict[str, Any] = {**self._pending_values(intent_id), **(intent_values or {}),
                                            "lease_until": now + timedelta(seconds=lease_s)}
                 held = conn.execute(_UPDATE_LEASED, {"b_id": intent_id, "b_worker": worker, **changes})
                 if held.rowcount == 0:
                     raise LeaseLost(f"intent {intent_id} is no longer leased by {worker}: not sending")
-            elif intent_values and pending is not None:
-                pending.intents.setdefault(intent_id, {}).update(intent_values)
             elif intent_values:
                 conn.execute(_UPDATE_LEASED, {"b_id": intent_id, "b_worker": worker, **intent_values})
-            attempt_id = conn.execute(_INSERT_ATTEMPT, {
-                "intent_id": intent_id, "number": number, "op": op, "method": method, "path": path[:500],
-                "request": request, "worker": worker, "started_at": now}).scalar_one()
-            if event is not None:
-                conn.execute(_INSERT_EVENT, {"intent_id": intent_id, "at": now, "kind": event[0], "message": event[1],
-                                             "data": None, "actor": None})
+            attempt_id = conn.execute(_INSERT_ATTEMPT, attempt).scalar_one()
+            if new_event is not None:
+                conn.execute(_INSERT_EVENT, new_event)
             return int(attempt_id)
 
     def finish_attempt(self, attempt_id: int, **values: Any) -> None:
@@ -464,9 +491,11 @@ class Store:
             yield
         finally:
             pending, self._local.pending = self._local.pending, None
-            if pending.attempts or pending.intents:
+            if pending.attempts or pending.intents or pending.events:
                 with self.engine.begin() as conn:
                     self._finish_attempts(conn, pending.attempts)
+                    if pending.events:
+                        conn.execute(_INSERT_EVENT, pending.events)
                     for intent_id, values in pending.intents.items():
                         conn.execute(update(_INTENTS).where(_INTENTS.c.id == intent_id).values(**values))
 
@@ -475,6 +504,9 @@ class Store:
         if pending is not None and pending.attempts:
             self._finish_attempts(conn, pending.attempts)
             pending.attempts.clear()
+        if pending is not None and pending.events:
+            conn.execute(_INSERT_EVENT, pending.events)
+            pending.events.clear()
 
     def _pending_values(self, intent_id: uuid.UUID) -> dict[str, Any]:
         """Intent fields waiting for this intent's next write (taken: the caller writes them)."""

@@ -94,25 +94,37 @@ def test_a_lease_that_is_not_fresh_is_checked_before_sending(rt: Runtime) -> Non
     assert attempt_rows(rt, intent_id) == []  # nothing recorded, nothing sent
 
 
-def test_a_dispatch_records_routing_attempt_ticket_and_events_in_three_transactions(rt: Runtime) -> None:
+def test_a_dispatch_writes_claim_and_attempt_as_single_statements_and_the_rest_in_one_transaction(
+        rt: Runtime) -> None:
     intent_id = submit(rt, target="hostup", topic="vps")
     rt.service.dispatch(intent_id)  # warms the department list (its own exchange)
     second = submit(rt, target="hostup", topic="vps")
     commits = 0
+    statements: list[tuple[str, bool]] = []  # (first word, in autocommit)
 
     def count(*_: Any) -> None:
         nonlocal commits
         commits += 1
 
+    def record(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        autocommit = conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+        statements.append((statement.split(None, 1)[0].upper(), autocommit))
+
     from sqlalchemy import event
 
     event.listen(rt.store.engine, "commit", count)
+    event.listen(rt.store.engine, "before_cursor_execute", record)
     try:
         rt.service.dispatch(second)
     finally:
         event.remove(rt.store.engine, "commit", count)
+        event.remove(rt.store.engine, "before_cursor_execute", record)
     view = rt.service.get(second, with_attempts=True)
     assert view.status is Status.succeeded and view.resolved_department == "vps" and view.ticket is not None
     assert [(a.op, a.verdict) for a in view.attempt_log] == [("create", "done")]
     assert [e.kind for e in rt.store.events(second)] == ["accepted", "routed", "succeeded"]
-    assert commits == 3  # claim; attempt (with the routing); completion + ticket + state + event
+    # the claim and the attempt's record are one statement each, atomic by themselves: no BEGIN/COMMIT
+    assert statements[:2] == [("UPDATE", True), ("INSERT", True)]
+    # the completion, the routing's event and field, the ticket and the new state: one transaction
+    assert all(not autocommit for _, autocommit in statements[2:]) and len(statements) > 2
+    assert commits == 1
