@@ -14,7 +14,9 @@ INSERT of the answer (bench/e2e_baseline.py's task body). Rounds alternate the t
 are medians over rounds, so a noisy neighbour weighs on both alike.
 
 Reported: CPU milliseconds (user + system, this process) and wall milliseconds per intent, SQL
-statements and transactions per intent, and the ratio to the baseline. With ``--profile``, a
+statements, explicit transactions (BEGIN ... COMMIT; a statement in autocommit is none) and
+database round trips (statements + a BEGIN and a COMMIT per transaction) per intent, and the ratio
+to the baseline. With ``--profile``, a
 pyinstrument profile of one dispatcher round is printed (and saved as HTML under bench/results/).
 """
 
@@ -174,9 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     cpu_base, wall_base = statistics.median(r[0] for r in theirs), statistics.median(r[1] for r in theirs)
     print()
     print(f"medians of {args.rounds} rounds of {args.intents} intents (half HostUp, half NocWorx), one thread:")
-    print(f"{'':12} {'CPU ms/intent':>14} {'wall ms/intent':>15} {'statements':>11} {'commits':>8}")
-    print(f"{'dispatcher':12} {cpu_ours:14.2f} {wall_ours:15.2f} {statements:11.1f} {commits:8.1f}")
-    print(f"{'baseline':12} {cpu_base:14.2f} {wall_base:15.2f} {1.0:11.1f} {1.0:8.1f}")
+    print(f"{'':12} {'CPU ms/intent':>14} {'wall ms/intent':>15} {'statements':>11} {'transactions':>13} "
+          f"{'round trips':>12}")
+    print(f"{'dispatcher':12} {cpu_ours:14.2f} {wall_ours:15.2f} {statements:11.1f} {commits:13.1f} "
+          f"{statements + 2 * commits:12.1f}")
+    print(f"{'baseline':12} {cpu_base:14.2f} {wall_base:15.2f} {1.0:11.1f} {0.0:13.1f} {1.0:12.1f}")
     print(f"dispatcher / baseline: {cpu_ours / cpu_base:.2f}x CPU, {wall_ours / wall_base:.2f}x wall")
     if profiler is not None:
         out = ROOT / "bench" / "results" / "hotpath-profile.html"

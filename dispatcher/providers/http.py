@@ -15,6 +15,8 @@ httpx errors that reach us, and how they are read::
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 from importlib import metadata
 from types import TracebackType
@@ -37,6 +39,11 @@ DEFAULT_USER_AGENT = f"dispatcher/{_package_version()} (+{PROJECT_URL})"
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 _REDACTED = "<secret>"
 _MAX_ERROR_CHARS = 500
+#: connection pools per target. httpcore looks over every connection of a pool on each request and
+#: on each response's close (Python work in proportion to the pool's size: 15 % of a worker's CPU
+#: with 64 threads at 200 ms, README "Benchmarks"); the sending threads are spread over this many
+#: pools, each with a few connections, a thread keeping its pool
+POOL_SHARDS = 16
 
 #: failures that happen before any byte of the request can have been processed
 _NOT_DELIVERED: tuple[type[Exception], ...] = (
@@ -76,17 +83,15 @@ class HttpTransport:
             raise ValueError("api_key is empty or holds characters that cannot go in a header")
         self._base = url.copy_with(raw_path=url.raw_path.rstrip(b"/") or b"")
         self._secret = api_key
-        self._client = httpx.Client(
-            timeout=timeout,
-            follow_redirects=False,
-            transport=transport,
-            limits=limits,
-            headers={
-                "Authorization": f"Bearer {api_key}",
-                "Accept": "application/json",
-                "User-Agent": user_agent,
-            },
-        )
+        headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json", "User-Agent": user_agent}
+        # one TLS context for every pool: building one reads the CA bundle (~0.1 s and a few MB)
+        tls = httpx.create_ssl_context() if transport is None else True
+        self._clients = [
+            httpx.Client(timeout=timeout, follow_redirects=False, transport=transport, limits=limits,
+                         headers=headers, verify=tls)
+            for _ in range(1 if transport is not None else POOL_SHARDS)]
+        self._turns = itertools.count()
+        self._mine = threading.local()
 
     @property
     def base_url(self) -> str:
@@ -107,8 +112,11 @@ class HttpTransport:
     def send(self, spec: RequestSpec) -> RawResponse:
         """Send one request. Raises ValueError only for a path that is not on the target's host."""
         url = self.url_for(spec.path)
+        client: httpx.Client | None = getattr(self._mine, "client", None)
+        if client is None:  # a thread keeps the pool it is first given; threads are dealt round
+            client = self._mine.client = self._clients[next(self._turns) % len(self._clients)]
         headers = {"Content-Type": "application/json"} if spec.json is not None else {}
-        request = self._client.build_request(
+        request = client.build_request(
             spec.method.upper(),
             url,
             params=dict(spec.params) if spec.params else None,
@@ -117,7 +125,7 @@ class HttpTransport:
         )
         started = time.perf_counter()
         try:
-            response = self._client.send(request)
+            response = client.send(request)
         except (httpx.HTTPError, OSError) as exc:
             return RawResponse(
                 status=None,
@@ -143,7 +151,8 @@ class HttpTransport:
         return text[:_MAX_ERROR_CHARS]
 
     def close(self) -> None:
-        self._client.close()
+        for client in self._clients:
+            client.close()
 
     def __enter__(self) -> HttpTransport:
         return self

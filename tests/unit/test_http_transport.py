@@ -200,4 +200,4 @@ def test_an_unusable_key_is_refused_without_echoing_it(api_key: str) -> None:
 def test_context_manager_closes_the_client() -> None:
     with transport_for(ok)[0] as transport:
         assert transport.send(RequestSpec(Op.departments, "GET", "/support/departments")).status == 201
-    assert transport._client.is_closed
+    assert all(client.is_closed for client in transport._clients)
