@@ -1,7 +1,7 @@
 """One target's transport spreads its sending threads over a few small connection pools.
 
-httpcore looks over every connection of a pool on each request and each response's close; with
-one pool for 64 threads that was 15 % of a worker's CPU at 200 ms (README, Benchmarks). These
+httpcore looks over every connection of a pool on each request and each response's close, work
+in proportion to the pool's size (README, Benchmarks: what one pool for 64 threads cost). These
 tests pin what the spreading must keep: every thread's request answered on a kept-alive
 connection, the threads dealt evenly, a thread on one pool, and every pool closed with the transport.
 """
