@@ -85,14 +85,14 @@ class HttpTransport:
         self._base = url.copy_with(raw_path=url.raw_path.rstrip(b"/") or b"")
         self._secret = api_key
         headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json", "User-Agent": user_agent}
-        # one TLS context for every pool: building one reads the CA bundle (~0.1 s and a few MB)
+        # one TLS context for every pool: each one built reads the CA bundle (time and memory)
         tls = httpx.create_ssl_context() if transport is None else True
         self._clients = [
             httpx.Client(timeout=timeout, follow_redirects=False, transport=transport, limits=limits,
                          headers=headers, verify=tls)
             for _ in range(1 if transport is not None else POOL_SHARDS)]
         self._turns = itertools.count()
-        self._mine = threading.local()
+        self._per_thread = threading.local()
 
     @property
     def base_url(self) -> str:
@@ -113,9 +113,9 @@ class HttpTransport:
     def send(self, spec: RequestSpec) -> RawResponse:
         """Send one request. Raises ValueError only for a path that is not on the target's host."""
         url = self.url_for(spec.path)
-        client: httpx.Client | None = getattr(self._mine, "client", None)
+        client: httpx.Client | None = getattr(self._per_thread, "client", None)
         if client is None:  # a thread keeps the pool it is first given; threads are dealt round
-            client = self._mine.client = self._clients[next(self._turns) % len(self._clients)]
+            client = self._per_thread.client = self._clients[next(self._turns) % len(self._clients)]
         headers = {"Content-Type": "application/json"} if spec.json is not None else {}
         request = client.build_request(
             spec.method.upper(),

@@ -34,7 +34,7 @@ def test_sending_threads_are_dealt_evenly_over_the_pools_and_each_keeps_its_own(
         start.wait()
         for _ in range(3):
             answer = transport.send(RequestSpec(Op.departments, "GET", "/support/departments"))
-            pool = id(transport._mine.client)
+            pool = id(transport._per_thread.client)
             with lock:
                 statuses.append(answer.status)
                 used.setdefault(threading.get_ident(), set()).add(pool)
