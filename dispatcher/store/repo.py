@@ -121,6 +121,12 @@ _EVENT_COLUMNS = ("intent_id", "at", "kind", "message", "actor", "data")
 _RELEASES: dict[tuple[Any, ...], Any] = {}
 
 
+def _event_values(intent_id: uuid.UUID, at: datetime, kind: str, message: str,
+                  data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An ``events`` row written by the worker's path (no actor: the system did it)."""
+    return {"intent_id": intent_id, "at": at, "kind": kind, "message": message, "actor": None, "data": data}
+
+
 def _binds(table: Table, prefix: str, keys: Iterable[str]) -> dict[str, Any]:
     """``{column: bindparam(prefix + column)}``, typed as the column (its bind processing applies)."""
     return {k: bindparam(prefix + k, type_=table.c[k].type) for k in keys}
@@ -141,8 +147,7 @@ def _release_statement(shape: tuple[Any, ...]) -> Any:
               .values(_binds(_ATTEMPTS, f"a{n}_", keys)).cte(f"attempt{n}")
               for n, keys in enumerate(attempt_keys)]
     if ticket_keys is not None:
-        writes.append(pg_insert(_TICKETS).values(_binds(_TICKETS, "t_", ticket_keys)).on_conflict_do_nothing()
-                      .cte("ticket"))
+        writes.append(_INSERT_TICKET["postgresql"].values(_binds(_TICKETS, "t_", ticket_keys)).cte("ticket"))
     # the events in one INSERT, in order (their ids are the audit trail's order): the pending ones
     # always, the release's own only if the lease was held. Cast: a SELECT's parameters get no type
     # from the columns they go to.
@@ -162,8 +167,8 @@ def _release_statement(shape: tuple[Any, ...]) -> Any:
 
 
 _INSERT_TICKET = {
-    "postgresql": pg_insert(cast(Table, TicketRow.__table__)).on_conflict_do_nothing(),
-    "sqlite": sqlite_insert(cast(Table, TicketRow.__table__)).on_conflict_do_nothing(),
+    "postgresql": pg_insert(_TICKETS).on_conflict_do_nothing(),
+    "sqlite": sqlite_insert(_TICKETS).on_conflict_do_nothing(),
 }
 
 
@@ -445,8 +450,7 @@ class Store:
             if result.rowcount == 0:
                 return False
             if event:
-                conn.execute(_INSERT_EVENT, {"intent_id": intent_id, "at": now, "kind": event[0], "message": event[1],
-                                             "data": event[2], "actor": None})
+                conn.execute(_INSERT_EVENT, _event_values(intent_id, now, *event))
             return True
 
     def _release_in_one_statement(self, intent_id: uuid.UUID, worker: str, now: datetime, values: dict[str, Any],
@@ -473,8 +477,7 @@ class Store:
         if ticket_values is not None:
             params.update({f"t_{k}": v for k, v in ticket_values.items()})
         if event is not None:
-            params.update({"r_intent_id": intent_id, "r_at": now, "r_kind": event[0], "r_message": event[1],
-                           "r_actor": None, "r_data": event[2]})
+            params.update({f"r_{k}": v for k, v in _event_values(intent_id, now, *event).items()})
         with self._one_statement() as conn:
             released = conn.execute(stmt, params).scalar_one()
         if pending is not None:
@@ -517,17 +520,18 @@ class Store:
         checks_lease = lease_s is not None and renew_lease
         attempt = {"intent_id": intent_id, "number": number, "op": op, "method": method, "path": path[:500],
                    "request": request, "worker": worker, "started_at": now}
-        new_event = None if event is None else {"intent_id": intent_id, "at": now, "kind": event[0],
-                                                "message": event[1], "data": None, "actor": None}
+        new_event = None if event is None else _event_values(intent_id, now, *event)
         if pending is not None and not checks_lease:  # the rest waits for the intent's next write
             if intent_values:
                 pending.intents.setdefault(intent_id, {}).update(intent_values)
             if new_event is not None:
                 pending.events.append(new_event)
-            if not pending.attempts:
-                with self._one_statement() as conn:
+            if pending.attempts:  # an earlier exchange's completion goes first, in the same transaction
+                with self.engine.begin() as conn:
+                    self._write_pending(conn, pending)
                     return int(conn.execute(_INSERT_ATTEMPT, attempt).scalar_one())
-            intent_values = new_event = None
+            with self._one_statement() as conn:
+                return int(conn.execute(_INSERT_ATTEMPT, attempt).scalar_one())
         with self.engine.begin() as conn:
             self._flush_pending(conn)
             if checks_lease:
@@ -577,18 +581,21 @@ class Store:
             pending, self._local.pending = self._local.pending, None
             if pending.attempts or pending.intents or pending.events:
                 with self.engine.begin() as conn:
-                    self._finish_attempts(conn, pending.attempts)
-                    if pending.events:
-                        conn.execute(_INSERT_EVENT, pending.events)
+                    self._write_pending(conn, pending)
                     for intent_id, values in pending.intents.items():
                         conn.execute(update(_INTENTS).where(_INTENTS.c.id == intent_id).values(**values))
 
     def _flush_pending(self, conn: Connection) -> None:
+        """This thread's pending completions and events, into the transaction of its next write."""
         pending: _Pending | None = getattr(self._local, "pending", None)
-        if pending is not None and pending.attempts:
+        if pending is not None:
+            self._write_pending(conn, pending)
+
+    def _write_pending(self, conn: Connection, pending: _Pending) -> None:
+        if pending.attempts:
             self._finish_attempts(conn, pending.attempts)
             pending.attempts.clear()
-        if pending is not None and pending.events:
+        if pending.events:
             conn.execute(_INSERT_EVENT, pending.events)
             pending.events.clear()
 
