@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 event.listen(rt.store.engine, "before_cursor_execute", count)
                 event.listen(rt.store.engine, "commit", commit)
+                if hasattr(rt.store, "driver_hook"):  # statements run on the driver, past SQLAlchemy's events
+                    rt.store.driver_hook = count
                 try:
                     warm = items_for(20, "warm")
                     rt.service.accept_many(warm, source="bench")

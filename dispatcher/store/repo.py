@@ -59,6 +59,7 @@ from dispatcher.domain import (
 from dispatcher.errors import StoreUnavailable
 from dispatcher.health import STALE_AFTER_S, HeartbeatView, Liveness, liveness
 from dispatcher.store.db import is_sqlite
+from dispatcher.store.driver import DriverStatement, StatementHook, execute_one
 from dispatcher.store.tables import AttemptRow, EventRow, HeartbeatRow, IntentRow, TargetStateRow, TicketRow
 
 EXCERPT_MAX = 2000
@@ -113,6 +114,11 @@ def _claim_statement(statuses: frozenset[str]) -> Any:
 _UPDATE_LEASED = update(_INTENTS).where(_INTENTS.c.id == bindparam("b_id"),
                                         _INTENTS.c.leased_by == bindparam("b_worker"))
 _INSERT_ATTEMPT = insert(_ATTEMPTS).returning(_ATTEMPTS.c.id)
+#: an exchange's record as the worker writes it before the send (every column given: see begin_attempt)
+_RECORD_ATTEMPT = (insert(_ATTEMPTS)
+                   .values({k: bindparam(f"v_{k}", type_=_ATTEMPTS.c[k].type) for k in (
+                       "intent_id", "number", "op", "method", "path", "request", "worker", "started_at")})
+                   .returning(_ATTEMPTS.c.id))
 _UPDATE_ATTEMPT = update(_ATTEMPTS).where(_ATTEMPTS.c.id == bindparam("b_id"))
 _INSERT_EVENT = insert(_EVENTS)
 _TICKETS = cast(Table, TicketRow.__table__)
@@ -241,24 +247,32 @@ class Store:
         self.sessions = sessionmaker(engine, expire_on_commit=False)
         self.skip_locked = not is_sqlite(engine)
         self._local = threading.local()
-        # the same pool, each checkout in autocommit (SQLite keeps plain transactions)
-        self._autocommit = None if is_sqlite(engine) else engine.execution_options(isolation_level="AUTOCOMMIT")
+        # PostgreSQL: the hot path's single statements run on the driver (see dispatcher.store.driver)
+        self._on_driver = not is_sqlite(engine)
+        self._compiled: dict[tuple[Any, ...], DriverStatement] = {}
+        #: called with the SQL of each statement run on the driver (benchmarks and tests count them)
+        self.driver_hook: StatementHook | None = None
 
     # -- plumbing ------------------------------------------------------------------------------
 
     def session(self) -> Session:
         return self.sessions()
 
-    @contextmanager
-    def _one_statement(self) -> Iterator[Connection]:
-        """A connection for ONE write statement, which is its own transaction: on PostgreSQL in
-        autocommit, with no BEGIN and COMMIT round trips. Never for two statements."""
-        if self._autocommit is None:
+    def _one_statement(self, statement: Any, params: Mapping[str, Any]) -> Any:
+        """Run ONE write statement as its own transaction; its first row (its value when it returns
+        one column), None when there is none. On PostgreSQL in autocommit on the driver (no BEGIN and
+        COMMIT round trips, none of SQLAlchemy's execution); ``statement`` must be built once (a
+        module-level or cached statement: it is compiled once per set of parameter names, and found
+        by identity)."""
+        if not self._on_driver:
             with self.engine.begin() as conn:
-                yield conn
-        else:
-            with self._autocommit.connect() as conn:
-                yield conn
+                row = conn.execute(statement, params).first()
+            return None if row is None else (row[0] if len(row) == 1 else row)
+        key = (id(statement), *params)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = self._compiled[key] = DriverStatement.compile(statement, self.engine.dialect, params)
+        return execute_one(self.engine, compiled, params, self.driver_hook)
 
     @staticmethod
     def unavailable(exc: DBAPIError) -> StoreUnavailable:
@@ -420,8 +434,7 @@ class Store:
         params = {"b_id": intent_id, "b_now": now,
                   "lease_until": now + timedelta(seconds=lease_s), "leased_by": worker, "updated_at": now,
                   "status": to.value}
-        with self._one_statement() as conn:
-            row = conn.execute(_claim_statement(frozenset(s.value for s in statuses)), params).first()
+        row = self._one_statement(_claim_statement(frozenset(s.value for s in statuses)), params)
         if row is None:
             return None
         return intent_view(cast(Any, row)), bool(row.target_paused)
@@ -440,7 +453,7 @@ class Store:
         if status in (Status.succeeded, Status.failed, Status.cancelled):
             values.setdefault("finished_at", now)
             values.setdefault("next_attempt_at", None)
-        if self._autocommit is not None:
+        if self._on_driver:
             return self._release_in_one_statement(intent_id, worker, now, values, event, ticket)
         with self.engine.begin() as conn:
             self._flush_pending(conn)
@@ -478,8 +491,7 @@ class Store:
             params.update({f"t_{k}": v for k, v in ticket_values.items()})
         if event is not None:
             params.update({f"r_{k}": v for k, v in _event_values(intent_id, now, *event).items()})
-        with self._one_statement() as conn:
-            released = conn.execute(stmt, params).scalar_one()
+        released = self._one_statement(stmt, params)
         if pending is not None:
             pending.attempts.clear()
             pending.events.clear()
@@ -530,8 +542,7 @@ class Store:
                 with self.engine.begin() as conn:
                     self._write_pending(conn, pending)
                     return int(conn.execute(_INSERT_ATTEMPT, attempt).scalar_one())
-            with self._one_statement() as conn:
-                return int(conn.execute(_INSERT_ATTEMPT, attempt).scalar_one())
+            return int(self._one_statement(_RECORD_ATTEMPT, {f"v_{k}": v for k, v in attempt.items()}))
         with self.engine.begin() as conn:
             self._flush_pending(conn)
             if checks_lease:

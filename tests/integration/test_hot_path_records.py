@@ -94,12 +94,13 @@ def test_a_lease_that_is_not_fresh_is_checked_before_sending(rt: Runtime) -> Non
     assert attempt_rows(rt, intent_id) == []  # nothing recorded, nothing sent
 
 
-def test_a_dispatch_writes_claim_attempt_and_completion_as_three_single_statements(rt: Runtime) -> None:
+def test_a_dispatch_writes_claim_attempt_and_completion_as_three_single_statements_on_the_driver(
+        rt: Runtime) -> None:
     intent_id = submit(rt, target="hostup", topic="vps")
     rt.service.dispatch(intent_id)  # warms the department list (its own exchange)
     second = submit(rt, target="hostup", topic="vps")
     commits = 0
-    statements: list[tuple[str, bool]] = []  # (first word, in autocommit)
+    statements: list[tuple[str, str]] = []  # (first word, how it ran)
 
     def count(*_: Any) -> None:
         nonlocal commits
@@ -107,22 +108,29 @@ def test_a_dispatch_writes_claim_attempt_and_completion_as_three_single_statemen
 
     def record(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         autocommit = conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
-        statements.append((statement.split(None, 1)[0].upper(), autocommit))
+        how = "sqlalchemy autocommit" if autocommit else "sqlalchemy"
+        statements.append((statement.split(None, 1)[0].upper(), how))
+
+    def on_driver(statement: str) -> None:
+        statements.append((statement.split(None, 1)[0].upper(), "driver"))
 
     from sqlalchemy import event
 
     event.listen(rt.store.engine, "commit", count)
     event.listen(rt.store.engine, "before_cursor_execute", record)
+    rt.store.driver_hook = on_driver
     try:
         rt.service.dispatch(second)
     finally:
         event.remove(rt.store.engine, "commit", count)
         event.remove(rt.store.engine, "before_cursor_execute", record)
+        rt.store.driver_hook = None
     view = rt.service.get(second, with_attempts=True)
     assert view.status is Status.succeeded and view.resolved_department == "vps" and view.ticket is not None
     assert [(a.op, a.verdict) for a in view.attempt_log] == [("create", "done")]
     assert [e.kind for e in rt.store.events(second)] == ["accepted", "routed", "succeeded"]
     # the claim, the attempt's record, then the completion with the routing's event and field, the
-    # ticket, the new state and its event: three statements, each atomic by itself, no BEGIN/COMMIT
-    assert statements == [("UPDATE", True), ("INSERT", True), ("WITH", True)]
+    # ticket, the new state and its event: three statements on the driver, each in autocommit
+    # (atomic by itself), no BEGIN/COMMIT, none through SQLAlchemy's execution
+    assert statements == [("UPDATE", "driver"), ("INSERT", "driver"), ("WITH", "driver")]
     assert commits == 0

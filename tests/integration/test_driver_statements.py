@@ -1,0 +1,122 @@
+"""The hot path's statements run on psycopg's connection (dispatcher.store.driver), real PostgreSQL:
+the same effects, values and errors as SQLAlchemy's own execution, and a pool left as it was."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, bindparam, insert, select, text, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from dispatcher.store import db
+from dispatcher.store.driver import DriverStatement, execute_one
+from dispatcher.store.tables import AttemptRow, IntentRow
+
+INTENTS = IntentRow.__table__
+ATTEMPTS = AttemptRow.__table__
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = db.make_engine(database_url, pool_size=2, max_overflow=0, pre_ping=False)
+    yield engine
+    engine.dispose()
+
+
+def new_intent(engine: Engine) -> uuid.UUID:
+    intent_id = uuid.uuid4()
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(insert(INTENTS).values(
+            id=intent_id, target="hostup", provider="hostup", status="waiting", source="api", subject="disk full",
+            body="sda1 at 97%", priority="medium", cc=[], labels={}, attempts=0, deliveries=0,
+            needs_reconcile=False, next_attempt_at=now, created_at=now, updated_at=now))
+    return intent_id
+
+
+def run(engine: Engine, statement: Any, values: dict[str, Any]) -> Any:
+    return execute_one(engine, DriverStatement.compile(statement, engine.dialect, values), values)
+
+
+CLAIM = (update(INTENTS).where(INTENTS.c.id == bindparam("b_id"), INTENTS.c.status == "waiting")
+         .values(deliveries=INTENTS.c.deliveries + 1).returning(INTENTS.c.id, INTENTS.c.status,
+                                                                INTENTS.c.lease_until, INTENTS.c.labels))
+
+
+def test_parameters_named_after_a_column_set_it_as_sqlalchemy_execution_does(engine: Engine) -> None:
+    intent_id = new_intent(engine)
+    until = datetime(2026, 12, 4, 13, 0, tzinfo=UTC)
+    row = run(engine, CLAIM, {"b_id": intent_id, "status": "sending", "lease_until": until, "leased_by": "w1"})
+    assert (row.id, row.status, row.lease_until, row.labels) == (intent_id, "sending", until, {})
+    with engine.connect() as conn:
+        stored = conn.execute(select(INTENTS.c.status, INTENTS.c.leased_by, INTENTS.c.deliveries)
+                              .where(INTENTS.c.id == intent_id)).one()
+    assert tuple(stored) == ("sending", "w1", 1)
+    # the same statement again finds nothing to claim: no row, no error
+    assert run(engine, CLAIM, {"b_id": intent_id, "status": "sending", "lease_until": until, "leased_by": "w2"}) is None
+
+
+def test_values_go_through_the_column_types_both_ways(engine: Engine) -> None:
+    intent_id = new_intent(engine)
+    started = datetime(2026, 12, 4, 14, 30, tzinfo=UTC)
+    record = insert(ATTEMPTS).values({k: bindparam(f"v_{k}", type_=ATTEMPTS.c[k].type) for k in (
+        "intent_id", "op", "method", "path", "request", "worker", "started_at")}).returning(
+        ATTEMPTS.c.id, ATTEMPTS.c.request, ATTEMPTS.c.started_at)
+    row = run(engine, record, {"v_intent_id": intent_id, "v_op": "create", "v_method": "POST", "v_path": "/t",
+                               "v_request": {"subject": "disk full", "cc": ["a@example.com"]}, "v_worker": "w1",
+                               "v_started_at": started})
+    assert row.request == {"subject": "disk full", "cc": ["a@example.com"]}  # JSONB in and out
+    assert row.started_at == started and row.started_at.tzinfo is UTC  # the UTC type's result processing
+    with pytest.raises(ValueError, match="naive datetime"):  # and its bind processing
+        run(engine, record, {"v_intent_id": intent_id, "v_op": "create", "v_method": "POST", "v_path": "/t",
+                             "v_request": None, "v_worker": "w1", "v_started_at": datetime(2026, 12, 4)})
+
+
+def test_a_missing_parameter_is_named_before_anything_is_sent(engine: Engine) -> None:
+    with pytest.raises(ValueError, match="missing parameters for the statement: b_id"):
+        run(engine, CLAIM, {"status": "sending"})
+
+
+def test_a_failing_statement_raises_sqlalchemys_error_without_its_parameters(engine: Engine) -> None:
+    record = insert(ATTEMPTS).values({k: bindparam(f"v_{k}", type_=ATTEMPTS.c[k].type) for k in (
+        "intent_id", "op", "method", "path", "worker", "started_at")}).returning(ATTEMPTS.c.id)
+    secret = "Bearer secret-token-0123456789"
+    with pytest.raises(IntegrityError) as raised:  # no such intent: the foreign key refuses it
+        run(engine, record, {"v_intent_id": uuid.uuid4(), "v_op": "create", "v_method": "POST", "v_path": secret,
+                             "v_worker": "w1", "v_started_at": datetime.now(UTC)})
+    assert secret not in str(raised.value)
+    assert "foreign key" in str(raised.value)
+
+
+def test_the_connection_goes_back_to_the_pool_in_transaction_mode(engine: Engine) -> None:
+    intent_id = new_intent(engine)
+    run(engine, CLAIM, {"b_id": intent_id, "status": "sending", "leased_by": "w1"})
+    # the pool has 2 connections and no overflow: these use the one the driver statement used
+    for _ in range(2):
+        with engine.connect() as conn:
+            conn.execute(text("UPDATE intents SET leased_by = 'rolled back' WHERE id = :i"), {"i": intent_id})
+            conn.rollback()
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT leased_by FROM intents WHERE id = :i"), {"i": intent_id}).scalar() == "w1"
+
+
+def test_a_connection_lost_mid_statement_invalidates_the_pool_and_the_next_statement_reconnects(
+        engine: Engine, database_url: str) -> None:
+    intent_id = new_intent(engine)
+    values = {"b_id": intent_id, "status": "sending", "leased_by": "w1"}
+    run(engine, CLAIM, values)  # the pool now holds a connection
+    with db.make_engine(database_url, pooled=False).connect() as admin:
+        killed = admin.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                    "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar()
+        admin.commit()
+    assert killed and killed >= 1
+    with pytest.raises(DBAPIError) as raised:
+        run(engine, CLAIM, values)
+    assert raised.value.connection_invalidated
+    with engine.begin() as conn:  # a fresh connection, in transaction mode
+        conn.execute(text("UPDATE intents SET status = 'waiting' WHERE id = :i"), {"i": intent_id})
+    assert run(engine, CLAIM, values).status == "sending"
