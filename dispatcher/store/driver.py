@@ -59,6 +59,8 @@ class DriverStatement:
                 value = bind.effective_value
                 fixed[name] = process(value) if process is not None and value is not None else value
         columns = list(getattr(statement, "exported_columns", ()))
+        if not columns:  # its row is fetched without asking the cursor first (that builds a description)
+            raise ValueError("a statement run on the driver returns a row: add RETURNING")
         names = [column.key for column in columns]
         results = tuple(column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns)
         row = namedtuple("DriverRow", names) if len(names) > 1 else None
@@ -90,7 +92,7 @@ StatementHook = Callable[[str], None]
 def execute_one(engine: Engine, statement: DriverStatement, values: Mapping[str, Any],
                 hook: StatementHook | None = None) -> Any:
     """Run ``statement`` in autocommit on a connection of ``engine``'s pool; its first row,
-    converted (None when there is none)."""
+    converted (None when there is none). The statement returns rows (RETURNING, a SELECT)."""
     params = statement.parameters(values)
     fairy = engine.raw_connection()
     try:
@@ -100,8 +102,7 @@ def execute_one(engine: Engine, statement: DriverStatement, values: Mapping[str,
             try:
                 if hook is not None:
                     hook(statement.sql)
-                cursor = driver.execute(statement.sql, params)
-                raw = cursor.fetchone() if cursor.description is not None else None
+                raw = driver.execute(statement.sql, params).fetchone()
             finally:
                 if not driver.closed and not driver.broken:
                     driver.autocommit = False  # the pool's other users expect transactions

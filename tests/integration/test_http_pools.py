@@ -34,7 +34,7 @@ def test_sending_threads_are_dealt_evenly_over_the_pools_and_each_keeps_its_own(
         start.wait()
         for _ in range(3):
             answer = transport.send(RequestSpec(Op.departments, "GET", "/support/departments"))
-            pool = id(transport._per_thread.client)
+            pool = id(transport._per_thread.pool)
             with lock:
                 statuses.append(answer.status)
                 used.setdefault(threading.get_ident(), set()).add(pool)
@@ -51,18 +51,19 @@ def test_sending_threads_are_dealt_evenly_over_the_pools_and_each_keeps_its_own(
     assert len(per_pool) == POOL_SHARDS
     assert set(per_pool.values()) == {THREADS // POOL_SHARDS}
     # each pool holds at most the connections its own threads use at once
-    for client in transport._clients:
-        pool: Any = client._transport._pool  # type: ignore[attr-defined]
+    for shard in transport._pools:
+        pool: Any = shard._pool  # type: ignore[attr-defined]
         assert len(pool.connections) <= THREADS // POOL_SHARDS
     transport.close()
-    assert all(client.is_closed for client in transport._clients)
+    assert transport.closed
+    assert all(not shard._pool.connections for shard in transport._pools)  # type: ignore[attr-defined]
 
 
 def test_all_pools_share_one_tls_context() -> None:
     transport = HttpTransport("https://cloud.hostup.se/api/v2", "k")
-    contexts = {id(client._transport._pool._ssl_context) for client in transport._clients}  # type: ignore[attr-defined]
+    contexts = {id(shard._pool._ssl_context) for shard in transport._pools}  # type: ignore[attr-defined]
     transport.close()
-    assert len(contexts) == 1 and len(transport._clients) == POOL_SHARDS
+    assert len(contexts) == 1 and len(transport._pools) == POOL_SHARDS
 
 
 def test_an_injected_transport_is_one_pool() -> None:
@@ -74,5 +75,5 @@ def test_an_injected_transport_is_one_pool() -> None:
 
     with HttpTransport("https://x.example/api", "k", transport=httpx.MockTransport(answer)) as transport:
         assert transport.send(RequestSpec(Op.departments, "GET", "/d")).status == 200
-        assert len(transport._clients) == 1
+        assert len(transport._pools) == 1
     assert seen == ["/api/d"]
