@@ -8,6 +8,7 @@ not hold back the others.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -157,16 +158,53 @@ class CeleryQueue:
 
     def __init__(self, app: Celery) -> None:
         self.app = app
-        self._peek: Any = None
+        self._redis: Any = None
+        #: task name -> its stamper (None: kombu publishes, the broker or the layout is not ours to stamp)
+        self._stampers: dict[str, RedisStamper | None] = {}
 
     def enqueue(self, task: str, intent_id: uuid.UUID, *, target: str, countdown: float = 0.0) -> None:
-        options: dict[str, Any] = {"queue": queue_name(target), "headers": {PUBLISHED_AT: time.time()}}
-        if countdown > 0:
-            options["countdown"] = countdown
+        """One message (a poll, a retry, one intent accepted): stamped from a template and LPUSHed on
+        Redis (:class:`RedisStamper`; a worker publishes one per NocWorx task, and Celery's
+        ``send_task`` cost a tenth of a worker's CPU), else ``send_task``."""
+        name, queue = TASK_NAMES[task], queue_name(target)
+        published = time.time()
         try:
-            self.app.send_task(TASK_NAMES[task], args=[str(intent_id)], **options)
-        except Exception as exc:  # kombu raises OperationalError and friends when Redis is down
+            stamper = self._stamper(name, queue)
+            if stamper is not None:
+                eta = None if countdown <= 0 else datetime.fromtimestamp(published + countdown, UTC).isoformat()
+                key, message = stamper.stamp(intent_id, queue, published=published, eta=eta)
+                self._client().lpush(key, message)
+                return
+            options: dict[str, Any] = {"queue": queue, "headers": {PUBLISHED_AT: published}}
+            if countdown > 0:
+                options["countdown"] = countdown
+            self.app.send_task(name, args=[str(intent_id)], **options)
+        except Exception as exc:  # kombu and redis raise ConnectionError and friends when Redis is down
             raise EnqueueFailed(f"{type(exc).__name__}: {exc}") from exc
+
+    def _stamper(self, name: str, queue: str) -> RedisStamper | None:
+        if name not in self._stampers:
+            stamper = None
+            if _stampable(str(self.app.conf.broker_url or "")):
+                with self.app.producer_or_acquire() as producer:
+                    # its channel connects: fail as fast as send_task when Redis is down (not cached then)
+                    producer.connection.ensure_connection(**self.app.conf.task_publish_retry_policy)
+                    stamper = RedisStamper.probe(self.app, producer.channel, name, queue)
+            self._stampers[name] = stamper
+        return self._stampers[name]
+
+    def _client(self) -> Any:
+        """A Redis client on the broker for the few commands sent outside kombu (thread-safe). It
+        gives up about as soon as ``send_task`` does when Redis is down (two retries, 0.2 s apart)."""
+        if self._redis is None:
+            import redis
+            from redis.backoff import ExponentialBackoff
+            from redis.retry import Retry
+
+            retry = Retry(ExponentialBackoff(cap=0.2, base=0.1), 2)
+            self._redis = redis.Redis.from_url(str(self.app.conf.broker_url), socket_timeout=2.0,
+                                               socket_connect_timeout=2.0, retry=retry)
+        return self._redis
 
     def enqueue_many(self, task: str, items: list[tuple[uuid.UUID, str]]) -> None:
         """Publish many messages over one connection, pipelined (batch intake).
@@ -187,9 +225,10 @@ class CeleryQueue:
                 # fail as fast as send_task does when Redis is down (kombu's default is seconds of retries)
                 producer.connection.ensure_connection(**self.app.conf.task_publish_retry_policy)
                 published = time.time()
-                stamper = RedisStamper.probe(self.app, producer.channel, name, published, queue_name(items[0][1]))
+                stamper = (RedisStamper.probe(self.app, producer.channel, name, queue_name(items[0][1]))
+                           if _stampable(str(self.app.conf.broker_url or "")) else None)
                 if stamper is not None:
-                    stamper.push([(intent_id, queue_name(target)) for intent_id, target in items])
+                    stamper.push([(intent_id, queue_name(target)) for intent_id, target in items], published)
                 else:
                     self._publish_each(producer, name, items, published)
         except Exception as exc:  # kombu raises OperationalError and friends when Redis is down
@@ -220,17 +259,14 @@ class CeleryQueue:
         the oldest waiting one has been handed to a worker: an intent published earlier than that and
         still due has lost its message (a flush, a restart, a worker that died holding it).
         """
-        url = str(self.app.conf.broker_url or "")
-        if not url.startswith(("redis://", "rediss://", "unix://")):
+        if not _stampable(str(self.app.conf.broker_url or "")):
             return {}
         import redis
 
-        if self._peek is None:
-            self._peek = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
         out: dict[str, datetime | None] = {}
         try:
             for target in targets:
-                raw = self._peek.lindex(queue_name(target), -1)
+                raw = self._client().lindex(queue_name(target), -1)
                 if raw is None:
                     out[target] = None
                     continue
@@ -244,6 +280,11 @@ class CeleryQueue:
         return out
 
 
+def _stampable(broker_url: str) -> bool:
+    """A broker whose queues are plain Redis lists we may read and push to (not Sentinel)."""
+    return broker_url.startswith(("redis://", "rediss://", "unix://"))
+
+
 def _task_ids(count: int) -> list[str]:
     """Random (version 4) task ids from one read of the random source, not one per message."""
     pool = os.urandom(16 * count)
@@ -251,54 +292,63 @@ def _task_ids(count: int) -> list[str]:
 
 
 class RedisStamper:
-    """One task's messages for many intents, pushed to Redis in pipelines: batch intake's fast path.
+    """Messages of one task stamped from a template and pushed to Redis: batch intake's pipelines and
+    every single publish (a poll, a retry).
 
     A message is Celery's (protocol 2, built by ``amqp.as_task_v2``) in kombu's Redis envelope
     (``prepare_message`` and the channel's own augmentation, serialized by kombu), made once per
-    queue with placeholders and then stamped per intent with its id, a task id and a delivery tag.
-    That is about a quarter of kombu's cost per message, the largest share of a big import
-    (bench/intake.py). :meth:`probe` checks that every placeholder landed where expected; should
-    Celery or kombu ever shape messages otherwise, it declines and the caller goes through kombu.
+    queue (and with or without an ETA) with placeholders, then stamped per message with its intent
+    id, a task id, a delivery tag, when it was published and, for a countdown, its ETA. That is
+    about a quarter of kombu's cost per message (bench/intake.py). :meth:`probe` checks that every
+    placeholder landed where expected; should Celery or kombu ever shape messages otherwise, it
+    declines and the caller goes through kombu.
     """
 
     TASK_ID = "f0000000-0000-4000-8000-00000000000a"  # headers id and root_id, properties correlation_id
     ARG = "f0000000-0000-4000-8000-00000000000b"      # the body's argument and headers argsrepr
     TAG = "f0000000-0000-4000-8000-00000000000c"      # properties delivery_tag
     BODY = "f0000000-0000-4000-8000-00000000000d"     # the base64 body
-    EXPECTED = {TASK_ID: 3, ARG: 1, TAG: 1, BODY: 1}
+    PUBLISHED = '"f0000000-0000-4000-8000-00000000000e"'  # headers PUBLISHED_AT: a JSON string for a number
+    ETA = "f0000000-0000-4000-8000-00000000000f"      # headers eta (ISO 8601), in the delayed template
+    EXPECTED = {TASK_ID: 3, ARG: 1, TAG: 1, BODY: 1, PUBLISHED: 1}
 
-    def __init__(self, app: Celery, channel: Any, name: str, published: float) -> None:
-        self.app, self.channel, self.name, self.published = app, channel, name, published
-        self._templates: dict[str, tuple[str, str, str]] = {}
+    def __init__(self, app: Celery, channel: Any, name: str) -> None:
+        self.app, self.channel, self.name = app, channel, name
+        self._templates: dict[tuple[str, bool], tuple[str, str, str]] = {}
 
     @classmethod
-    def probe(cls, app: Celery, channel: Any, name: str, published: float, queue: str) -> RedisStamper | None:
-        """A stamper if this channel is kombu's Redis channel and the template checks out, else None."""
+    def probe(cls, app: Celery, channel: Any, name: str, queue: str) -> RedisStamper | None:
+        """A stamper if this channel is kombu's Redis channel and the templates check out, else None."""
         needed = ("client", "prepare_message", "_inplace_augment_message", "_q_for_pri")
         if not all(hasattr(channel, attribute) for attribute in needed):
             return None
-        stamper = cls(app, channel, name, published)
+        if getattr(channel, "global_keyprefix", None):  # keys we would push to are not the queues' names
+            return None
+        stamper = cls(app, channel, name)
         try:
-            _, envelope, body = stamper._template(queue)
+            templates = {delayed: stamper._template(queue, delayed) for delayed in (False, True)}
         except Exception:
             log.warning("cannot build a message template; publishing through kombu", exc_info=True)
             return None
-        if any(envelope.count(mark) != n for mark, n in cls.EXPECTED.items()) or body.count(cls.ARG) != 1:
-            log.warning("unexpected message layout; publishing through kombu")
-            return None
+        for delayed, (_, envelope, body) in templates.items():
+            expected = {**cls.EXPECTED, cls.ETA: 1 if delayed else 0}
+            if any(envelope.count(mark) != n for mark, n in expected.items()) or body.count(cls.ARG) != 1:
+                log.warning("unexpected message layout; publishing through kombu")
+                return None
         return stamper
 
-    def _template(self, queue: str) -> tuple[str, str, str]:
+    def _template(self, queue: str, delayed: bool) -> tuple[str, str, str]:
         """(Redis key, envelope JSON, body JSON) with placeholders, for one queue."""
-        if queue not in self._templates:
+        if (queue, delayed) not in self._templates:
             from kombu.entity import PERSISTENT_DELIVERY_MODE
             from kombu.serialization import dumps as serialize
             from kombu.utils.json import dumps as envelope_json
 
             message = self.app.amqp.as_task_v2(
                 self.TASK_ID, self.name, args=[self.ARG], argsrepr=f"['{self.ARG}']", kwargsrepr="{}",
-                origin=anon_nodename(), ignore_result=bool(self.app.conf.task_ignore_result))
-            message.headers[PUBLISHED_AT] = self.published
+                origin=anon_nodename(), ignore_result=bool(self.app.conf.task_ignore_result),
+                eta=self.ETA if delayed else None)
+            message.headers[PUBLISHED_AT] = json.loads(self.PUBLISHED)
             content_type, content_encoding, body = serialize(message.body, serializer="json")  # type: ignore[no-untyped-call]
             properties = {**message.properties, "delivery_mode": PERSISTENT_DELIVERY_MODE}
             envelope = self.channel.prepare_message(body, 0, content_type, content_encoding, message.headers,
@@ -310,21 +360,26 @@ class RedisStamper:
             envelope["properties"]["delivery_tag"] = self.TAG
             key = self.channel._q_for_pri(queue, envelope["properties"].get("priority") or 0)
             text = body.decode() if isinstance(body, bytes) else str(body)
-            self._templates[queue] = (key, envelope_json(envelope), text)  # type: ignore[no-untyped-call]
-        return self._templates[queue]
+            self._templates[queue, delayed] = (key, envelope_json(envelope), text)  # type: ignore[no-untyped-call]
+        return self._templates[queue, delayed]
 
-    def push(self, items: list[tuple[uuid.UUID, str]]) -> None:
+    def stamp(self, intent_id: uuid.UUID, queue: str, *, published: float, eta: str | None = None,
+              task_id: str | None = None, tag: str | None = None) -> tuple[str, str]:
+        """(Redis key, message) for one intent; ``eta``: when a countdown ends (ISO 8601)."""
+        key, envelope, body = self._template(queue, eta is not None)
+        arg = str(intent_id)
+        encoded = base64.b64encode(body.replace(self.ARG, arg).encode()).decode()
+        message = (envelope.replace(self.TASK_ID, task_id or str(uuid.uuid4())).replace(self.ARG, arg)
+                   .replace(self.TAG, tag or str(uuid.uuid4())).replace(self.BODY, encoded)
+                   .replace(self.PUBLISHED, repr(float(published))))
+        return key, message if eta is None else message.replace(self.ETA, eta)
+
+    def push(self, items: list[tuple[uuid.UUID, str]], published: float) -> None:
         """LPUSH each (intent id, queue) message, PUBLISH_BATCH to a pipeline."""
-        import base64
-
         task_ids, tags = _task_ids(len(items)), _task_ids(len(items))
         for start in range(0, len(items), PUBLISH_BATCH):
             pipe = self.channel.client.pipeline(transaction=False)
             for i in range(start, min(start + PUBLISH_BATCH, len(items))):
                 intent_id, queue = items[i]
-                key, envelope, body = self._template(queue)
-                arg = str(intent_id)
-                encoded = base64.b64encode(body.replace(self.ARG, arg).encode()).decode()
-                pipe.lpush(key, envelope.replace(self.TASK_ID, task_ids[i]).replace(self.ARG, arg)
-                           .replace(self.TAG, tags[i]).replace(self.BODY, encoded))
+                pipe.lpush(*self.stamp(intent_id, queue, published=published, task_id=task_ids[i], tag=tags[i]))
             pipe.execute()

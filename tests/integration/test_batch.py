@@ -8,8 +8,10 @@ import dataclasses
 import json
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -367,36 +369,75 @@ def test_with_the_broker_down_a_batch_is_stored_and_left_to_the_scheduler(
         runtime.close()
 
 
-def test_bulk_published_messages_are_the_messages_send_task_publishes(
+def _same_message(ours: dict[str, Any], celerys: dict[str, Any], intent_id: uuid.UUID) -> None:
+    """``ours`` (stamped) is shaped as ``celerys`` (send_task's), with its own ids and ``intent_id``."""
+    import base64
+
+    assert ours.keys() == celerys.keys()
+    assert ours["headers"].keys() == celerys["headers"].keys()
+    assert ours["properties"].keys() == celerys["properties"].keys()
+    assert ours["headers"]["task"] == celerys["headers"]["task"] == "dispatcher.dispatch"
+    for key in ("lang", "retries", "timelimit", "kwargsrepr", "origin", "replaced_task_nesting", "stamps", "expires"):
+        assert ours["headers"][key] == celerys["headers"][key], key
+    assert ours["headers"]["id"] == ours["headers"]["root_id"] == ours["properties"]["correlation_id"]
+    assert isinstance(ours["headers"][PUBLISHED_AT], float) and isinstance(celerys["headers"][PUBLISHED_AT], float)
+    assert abs(ours["headers"][PUBLISHED_AT] - celerys["headers"][PUBLISHED_AT]) < 60
+    assert len({ours["headers"]["id"], celerys["headers"]["id"], ours["properties"]["delivery_tag"]}) == 3
+    for key in ("delivery_info", "delivery_mode", "priority", "body_encoding"):
+        assert ours["properties"][key] == celerys["properties"][key], key
+    for key in ("content-type", "content-encoding"):
+        assert ours[key] == celerys[key]
+    args, kwargs, _ = json.loads(base64.b64decode(ours["body"]))
+    assert (args, kwargs) == ([str(intent_id)], {})
+    assert ours["headers"]["argsrepr"] == repr([str(intent_id)])
+
+
+def test_stamped_messages_single_and_bulk_are_the_messages_send_task_publishes(
         simulator: RunningSimulator, redis_url: str) -> None:
     config = make_config(simulator, broker_url=redis_url)
     queue = CeleryQueue(make_celery(config))
     with queue.app.producer_or_acquire() as producer:  # the stamped fast path, not the fallback, is what runs
-        assert RedisStamper.probe(queue.app, producer.channel, "dispatcher.dispatch", 0.0, "dispatcher.hostup")
-    queue.enqueue(DISPATCH, uuid.uuid4(), target="hostup")
-    bulk_id = uuid.uuid4()
+        assert RedisStamper.probe(queue.app, producer.channel, "dispatcher.dispatch", "dispatcher.hostup")
+    queue.app.send_task("dispatcher.dispatch", args=[str(uuid.uuid4())], queue="dispatcher.hostup",
+                        headers={PUBLISHED_AT: time.time()})
+    single_id, bulk_id = uuid.uuid4(), uuid.uuid4()
+    queue.enqueue(DISPATCH, single_id, target="hostup")
     queue.enqueue_many(DISPATCH, [(bulk_id, "hostup")])
     client = redis.Redis.from_url(redis_url)
-    bulk, single = (json.loads(m) for m in client.lrange("dispatcher.hostup", 0, -1))  # LPUSH: newest first
+    bulk, single, celerys = (json.loads(m) for m in client.lrange("dispatcher.hostup", 0, -1))  # newest first
     client.close()
-    assert bulk.keys() == single.keys()
-    assert bulk["headers"].keys() == single["headers"].keys()
-    assert bulk["properties"].keys() == single["properties"].keys()
-    assert bulk["headers"]["task"] == single["headers"]["task"] == "dispatcher.dispatch"
-    for key in ("lang", "retries", "timelimit", "kwargsrepr", "origin", "replaced_task_nesting", "stamps"):
-        assert bulk["headers"][key] == single["headers"][key], key
-    assert bulk["headers"]["id"] == bulk["headers"]["root_id"] == bulk["properties"]["correlation_id"]
-    assert isinstance(bulk["headers"][PUBLISHED_AT], float) and PUBLISHED_AT in single["headers"]
-    assert len({bulk["headers"]["id"], single["headers"]["id"], bulk["properties"]["delivery_tag"]}) == 3
-    for key in ("delivery_info", "delivery_mode", "priority", "body_encoding"):
-        assert bulk["properties"][key] == single["properties"][key], key
-    for key in ("content-type", "content-encoding"):
-        assert bulk[key] == single[key]
-    import base64
+    assert celerys["headers"]["eta"] is None
+    _same_message(single, celerys, single_id)
+    _same_message(bulk, celerys, bulk_id)
 
-    args, kwargs, _ = json.loads(base64.b64decode(bulk["body"]))
-    assert (args, kwargs) == ([str(bulk_id)], {})
-    assert bulk["headers"]["argsrepr"] == repr([str(bulk_id)])
+
+def test_a_stamped_countdown_carries_the_eta_send_task_would_give_it(
+        simulator: RunningSimulator, redis_url: str) -> None:
+    config = make_config(simulator, broker_url=redis_url)
+    queue = CeleryQueue(make_celery(config))
+    queue.app.send_task("dispatcher.dispatch", args=[str(uuid.uuid4())], queue="dispatcher.hostup",
+                        headers={PUBLISHED_AT: time.time()}, countdown=30)
+    intent_id = uuid.uuid4()
+    before = datetime.now(UTC)
+    queue.enqueue(DISPATCH, intent_id, target="hostup", countdown=30)
+    client = redis.Redis.from_url(redis_url)
+    ours, celerys = (json.loads(m) for m in client.lrange("dispatcher.hostup", 0, -1))
+    client.close()
+    _same_message(ours, celerys, intent_id)
+    eta = datetime.fromisoformat(ours["headers"]["eta"])
+    assert eta.tzinfo is not None
+    assert abs(eta - datetime.fromisoformat(celerys["headers"]["eta"])) < timedelta(seconds=5)
+    assert timedelta(seconds=29) < eta - before < timedelta(seconds=31)
+
+
+def test_with_the_broker_down_a_single_publish_fails_fast_as_enqueue_failed(simulator: RunningSimulator) -> None:
+    from dispatcher.queue import EnqueueFailed
+
+    queue = CeleryQueue(make_celery(make_config(simulator, broker_url="redis://127.0.0.1:9/0")))
+    began = time.monotonic()
+    with pytest.raises(EnqueueFailed):
+        queue.enqueue(DISPATCH, uuid.uuid4(), target="hostup", countdown=0.5)
+    assert time.monotonic() - began < 5
 
 
 def test_on_the_embedded_sqlite_default_a_batch_keeps_replays_and_duplicates_apart(
