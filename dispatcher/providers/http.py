@@ -46,6 +46,8 @@ _MAX_ERROR_CHARS = 500
 #: threads at 200 ms it took a worker from 12.8 to 10.7 CPU seconds per 1,000 tickets, README
 #: "Benchmarks")
 POOL_SHARDS = 16
+#: request paths whose URL a transport keeps built
+URL_CACHE = 256
 
 #: failures that happen before any byte of the request can have been processed
 _NOT_DELIVERED: tuple[type[Exception], ...] = (
@@ -109,6 +111,7 @@ class HttpTransport:
         self._turns = itertools.count()
         self._per_thread = threading.local()
         self._closed = False
+        self._urls: dict[str, httpx.URL] = {}
 
     @property
     def base_url(self) -> str:
@@ -118,7 +121,18 @@ class HttpTransport:
         return f"HttpTransport(base_url={self.base_url!r})"
 
     def url_for(self, path: str) -> httpx.URL:
-        """The absolute URL of a relative path: base path + ``path``, always on the base host."""
+        """The absolute URL of a relative path: base path + ``path``, always on the base host.
+
+        The first :data:`URL_CACHE` paths are remembered (the create and list endpoints are sent
+        over and over; a task's own path is polled a few times); checked once, built once."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._build_url(path)
+            if len(self._urls) < URL_CACHE:
+                self._urls[path] = url
+        return url
+
+    def _build_url(self, path: str) -> httpx.URL:
         safe_relative_path(path)
         base_path = self._base.raw_path.decode("ascii").rstrip("/")
         url = self._base.copy_with(raw_path=(base_path + path).encode("ascii"))

@@ -203,3 +203,12 @@ def test_context_manager_closes_the_client() -> None:
     assert transport.closed
     with pytest.raises(RuntimeError, match="closed"):
         transport.send(RequestSpec(Op.departments, "GET", "/support/departments"))
+
+
+def test_a_path_is_checked_every_time_it_is_not_remembered_and_a_remembered_one_keeps_its_url() -> None:
+    transport, seen = transport_for(ok)
+    for _ in range(2):
+        transport.send(RequestSpec(Op.create, "POST", "/support/tickets", json={"subject": "s"}))
+        with pytest.raises(ValueError, match="not a relative path"):
+            transport.url_for("/support/../admin")
+    assert [str(r.url) for r in seen] == ["https://cloud.hostup.se/api/v2/support/tickets"] * 2
