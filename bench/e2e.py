@@ -197,7 +197,9 @@ def stop_profiler(profiler: tuple[Any, Path] | None) -> None:
     print(f"   profile: {out}")
     print(profile_summary(out))
     print("   by owner:")
-    print(profile_owners(out), flush=True)
+    print(profile_owners(out))
+    print(f"   {profile_outside_tasks(out):5.1f}%  of all samples outside the task threads (Celery's consumer "
+          "loop: reading, storing and acking every message)", flush=True)
 
 
 def _stacks(path: Path) -> list[tuple[list[str], int]]:
@@ -252,6 +254,14 @@ def profile_owners(path: Path) -> str:
         shares[owner] = shares.get(owner, 0) + count
     rows = sorted(shares.items(), key=lambda kv: -kv[1])
     return "\n".join(f"   {100 * n / max(1, total):5.1f}%  {name}" for name, n in rows)
+
+
+def profile_outside_tasks(path: Path) -> float:
+    """Percent of samples not in a thread of the task pool (those run in ``concurrent.futures``)."""
+    stacks = _stacks(path)
+    total = sum(count for _, count in stacks)
+    outside = sum(count for frames, count in stacks if not any("concurrent/futures/thread.py" in f for f in frames))
+    return 100 * outside / max(1, total)
 
 
 # -- results ---------------------------------------------------------------------------------------

@@ -29,6 +29,14 @@ def test_the_hot_path_benchmark_dispatches_every_intent_and_compares_with_the_ba
     assert cpu_ms > 0
 
 
+def test_the_statement_benchmark_compares_sqlalchemy_the_driver_and_bare_psycopg() -> None:
+    out = run_bench("bench.statements", "--statements", "50", "--rounds", "1").stdout
+    figures = {line.split()[0]: float(line.split()[1]) for line in out.splitlines()
+               if line.startswith("  ") and "x bare" in line}
+    assert set(figures) == {"sqlalchemy", "driver", "bare"}
+    assert all(value > 0 for value in figures.values())
+
+
 def test_the_end_to_end_benchmark_makes_every_ticket_for_both_variants(tmp_path: Path) -> None:
     out_file = tmp_path / "e2e.json"
     out = run_bench("bench.e2e", "--intents", "60", "--latency", "0", "--paced", "10", "--paced-rate", "20",
@@ -66,3 +74,12 @@ def test_a_profile_is_shared_out_by_who_spends_each_sample(tmp_path: Path) -> No
     shares = {line.split("%", 1)[1].strip(): float(line.split("%")[0]) for line in profile_owners(raw).splitlines()}
     assert shares == {"PostgreSQL (SQLAlchemy + psycopg)": 60.0, "rate limiter (its Redis script)": 30.0,
                       "Celery/kombu: consumer loop, task tracing": 10.0}
+
+
+def test_a_profile_tells_the_consumer_loop_from_the_task_threads(tmp_path: Path) -> None:
+    from bench.e2e import profile_outside_tasks
+
+    raw = tmp_path / "raw.txt"
+    raw.write_text("_worker (concurrent/futures/thread.py:83);run (celery/app/trace.py:1) 3\n"
+                   "asynloop (celery/worker/loops.py:1);on_readable (kombu/transport/redis.py:6) 1\n")
+    assert profile_outside_tasks(raw) == 25.0
