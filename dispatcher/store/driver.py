@@ -1,9 +1,10 @@
 """Statements built with SQLAlchemy, executed on the driver's own connection: the worker's hot path.
 
 SQLAlchemy's execution (a Connection per checkout, an execution context, parameter and result
-processing through its event and caching layers) costs about four times what the statement costs
-psycopg: 330 against 80 microseconds of CPU for the claim (README, "Where a worker's time goes").
-A worker runs three such statements per exchange, all of them built once, so it compiles each one
+processing through its event and caching layers) costs several times what the statement costs
+psycopg: for the claim, 333.5 microseconds of CPU through SQLAlchemy, 88.7 here, 53.7 on a bare
+cursor (``bench/statements.py``, README "The worker's hot path"). A worker runs three such
+statements per exchange, all of them built once, so it compiles each one
 once here, keeps the SQL text, the values SQLAlchemy bound into it and the type processing of
 each parameter and result column, and hands the text to psycopg itself on a pooled connection,
 in autocommit (each is one statement, its own transaction).
