@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import time
 import uuid
@@ -64,6 +65,8 @@ IN_FLIGHT_S = 0.05
 #: clock and scheduling slack allowed on "not before t + Retry-After"
 TOLERANCE_S = 0.05
 HOSTUP_SUBJECT_MAX = 200  # the simulator's (HostUp's) limit; ours is 255
+#: the simulator's seed for the 5xx test (not SIM_KNOBS's: a changed seed restarts its random stream)
+FAULT_SEED = 8
 
 
 # -- module-scoped services and processes ---------------------------------------------------------
@@ -320,7 +323,10 @@ def test_no_request_reaches_a_provider_before_its_retry_after_has_passed(rate_li
 
 def test_server_errors_are_retried_until_each_intent_has_one_ticket(pipeline: Pipeline) -> None:
     since = time.time()
-    pipeline.sim.configure(error_rate=0.3)
+    # a fresh seed whose first draw is under 0.3: the first request after this is a 5xx for sure (at
+    # 30 % by chance alone, none among 14 requests happens once in ~150 runs: a CI run failed so)
+    assert random.Random(FAULT_SEED).random() < 0.3
+    pipeline.sim.configure(error_rate=0.3, seed=FAULT_SEED)
     intents = [_intent("hostup", topic) for topic in ("vps", "dns", "ip", "hosting", "billing", "domain")]
     intents += [_intent("nocworx", topic) for topic in ("dns", "vps", "email", "ssl")]
     ids = [pipeline.api.submit_ok(intent)["id"] for intent in intents]
