@@ -146,7 +146,7 @@ class HttpTransport:
         Straight to the connection pool (httpx's transport API), not through an ``httpx.Client``:
         a client's cookie jar, auth and redirect handling, event hooks and request logging have
         nothing to do here (no cookies, the key is a header, redirects are not followed), and cost
-        a third of what httpx spends per request (README, "Where a worker's time goes")."""
+        CPU on every request (README, Benchmarks: the side-by-side steps)."""
         if self._closed:
             raise RuntimeError("this transport is closed")
         url = self.url_for(spec.path)
