@@ -21,19 +21,14 @@ bare        psycopg's ``cursor.execute`` + ``fetchone`` on one connection held t
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from bench.hotpath import cpu
 from bench.ratelimit import scratch_database
-
-
-def cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,8 +105,9 @@ class HttpTransport:
             # one TLS context for every pool: each one built reads the CA bundle (time and memory)
             tls = httpx.create_ssl_context()
             proxy = proxy_for(self._base)
-            if proxy is not None and httpx.URL(proxy).password:  # scrubbed from errors as the key is
-                self._hidden.append(httpx.URL(proxy).password)
+            password = httpx.URL(proxy).password if proxy is not None else None
+            if password:  # scrubbed from errors as the key is
+                self._hidden.append(password)
             self._pools = [httpx.HTTPTransport(verify=tls, limits=limits, proxy=proxy) for _ in range(POOL_SHARDS)]
         self._turns = itertools.count()
         self._per_thread = threading.local()

@@ -3,8 +3,9 @@
 Every method is one short transaction; none is held open across an HTTP call. Claims are
 conditional UPDATEs (``... WHERE status IN (...) AND next_attempt_at <= now``) so that a message
 delivered twice, or two schedulers, cannot both win: the second finds nothing to do. On PostgreSQL
-the worker's single-statement writes (the claim, an attempt's record) run in autocommit: one
-statement is atomic by itself, and BEGIN and COMMIT would be two more round trips each.
+the worker's writes (the claim, an attempt's record, the release) are single statements run in
+autocommit on psycopg's connection (:mod:`dispatcher.store.driver`): one statement is atomic by
+itself, and BEGIN and COMMIT would be two more round trips each.
 """
 
 from __future__ import annotations
@@ -111,14 +112,21 @@ def _claim_statement(statuses: frozenset[str]) -> Any:
                            .exists().label("target_paused")))
         _CLAIMS[statuses] = stmt
     return stmt
+
+
 _UPDATE_LEASED = update(_INTENTS).where(_INTENTS.c.id == bindparam("b_id"),
                                         _INTENTS.c.leased_by == bindparam("b_worker"))
-_INSERT_ATTEMPT = insert(_ATTEMPTS).returning(_ATTEMPTS.c.id)
-#: an exchange's record as the worker writes it before the send (every column given: see begin_attempt)
-_RECORD_ATTEMPT = (insert(_ATTEMPTS)
-                   .values({k: bindparam(f"v_{k}", type_=_ATTEMPTS.c[k].type) for k in (
-                       "intent_id", "number", "op", "method", "path", "request", "worker", "started_at")})
-                   .returning(_ATTEMPTS.c.id))
+
+
+def _binds(table: Table, prefix: str, keys: Iterable[str]) -> dict[str, Any]:
+    """``{column: bindparam(prefix + column)}``, typed as the column (its bind processing applies)."""
+    return {k: bindparam(prefix + k, type_=table.c[k].type) for k in keys}
+
+
+#: an exchange's record as the worker writes it before the send (every column given: the same
+#: statement on SQLAlchemy's execution and on the driver), parameters ``v_<column>``
+_ATTEMPT_COLUMNS = ("intent_id", "number", "op", "method", "path", "request", "worker", "started_at")
+_RECORD_ATTEMPT = insert(_ATTEMPTS).values(_binds(_ATTEMPTS, "v_", _ATTEMPT_COLUMNS)).returning(_ATTEMPTS.c.id)
 _UPDATE_ATTEMPT = update(_ATTEMPTS).where(_ATTEMPTS.c.id == bindparam("b_id"))
 _INSERT_EVENT = insert(_EVENTS)
 _TICKETS = cast(Table, TicketRow.__table__)
@@ -131,11 +139,6 @@ def _event_values(intent_id: uuid.UUID, at: datetime, kind: str, message: str,
                   data: dict[str, Any] | None = None) -> dict[str, Any]:
     """An ``events`` row written by the worker's path (no actor: the system did it)."""
     return {"intent_id": intent_id, "at": at, "kind": kind, "message": message, "actor": None, "data": data}
-
-
-def _binds(table: Table, prefix: str, keys: Iterable[str]) -> dict[str, Any]:
-    """``{column: bindparam(prefix + column)}``, typed as the column (its bind processing applies)."""
-    return {k: bindparam(prefix + k, type_=table.c[k].type) for k in keys}
 
 
 def _release_statement(shape: tuple[Any, ...]) -> Any:
@@ -530,8 +533,8 @@ class Store:
         """
         pending: _Pending | None = getattr(self._local, "pending", None)
         checks_lease = lease_s is not None and renew_lease
-        attempt = {"intent_id": intent_id, "number": number, "op": op, "method": method, "path": path[:500],
-                   "request": request, "worker": worker, "started_at": now}
+        record = {"v_intent_id": intent_id, "v_number": number, "v_op": op, "v_method": method,
+                  "v_path": path[:500], "v_request": request, "v_worker": worker, "v_started_at": now}
         new_event = None if event is None else _event_values(intent_id, now, *event)
         if pending is not None and not checks_lease:  # the rest waits for the intent's next write
             if intent_values:
@@ -541,8 +544,8 @@ class Store:
             if pending.attempts:  # an earlier exchange's completion goes first, in the same transaction
                 with self.engine.begin() as conn:
                     self._write_pending(conn, pending)
-                    return int(conn.execute(_INSERT_ATTEMPT, attempt).scalar_one())
-            return int(self._one_statement(_RECORD_ATTEMPT, {f"v_{k}": v for k, v in attempt.items()}))
+                    return int(conn.execute(_RECORD_ATTEMPT, record).scalar_one())
+            return int(self._one_statement(_RECORD_ATTEMPT, record))
         with self.engine.begin() as conn:
             self._flush_pending(conn)
             if checks_lease:
@@ -554,7 +557,7 @@ class Store:
                     raise LeaseLost(f"intent {intent_id} is no longer leased by {worker}: not sending")
             elif intent_values:
                 conn.execute(_UPDATE_LEASED, {"b_id": intent_id, "b_worker": worker, **intent_values})
-            attempt_id = conn.execute(_INSERT_ATTEMPT, attempt).scalar_one()
+            attempt_id = conn.execute(_RECORD_ATTEMPT, record).scalar_one()
             if new_event is not None:
                 conn.execute(_INSERT_EVENT, new_event)
             return int(attempt_id)

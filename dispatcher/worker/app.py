@@ -158,6 +158,8 @@ class CeleryQueue:
 
     def __init__(self, app: Celery) -> None:
         self.app = app
+        #: a broker whose queues are plain Redis lists we may read and push to (not Sentinel)
+        self._plain_redis = str(app.conf.broker_url or "").startswith(("redis://", "rediss://", "unix://"))
         self._redis: Any = None
         #: task name -> its stamper (None: kombu publishes, the broker or the layout is not ours to stamp)
         self._stampers: dict[str, RedisStamper | None] = {}
@@ -185,7 +187,7 @@ class CeleryQueue:
     def _stamper(self, name: str, queue: str) -> RedisStamper | None:
         if name not in self._stampers:
             stamper = None
-            if _stampable(str(self.app.conf.broker_url or "")):
+            if self._plain_redis:
                 with self.app.producer_or_acquire() as producer:
                     # its channel connects: fail as fast as send_task when Redis is down (not cached then)
                     producer.connection.ensure_connection(**self.app.conf.task_publish_retry_policy)
@@ -220,17 +222,17 @@ class CeleryQueue:
         if not items:
             return
         name = TASK_NAMES[task]
+        published = time.time()
         try:
+            stamper = self._stamper(name, queue_name(items[0][1]))
+            if stamper is not None:
+                stamper.push([(intent_id, queue_name(target)) for intent_id, target in items], published,
+                             self._client())
+                return
             with self.app.producer_or_acquire() as producer:
                 # fail as fast as send_task does when Redis is down (kombu's default is seconds of retries)
                 producer.connection.ensure_connection(**self.app.conf.task_publish_retry_policy)
-                published = time.time()
-                stamper = (RedisStamper.probe(self.app, producer.channel, name, queue_name(items[0][1]))
-                           if _stampable(str(self.app.conf.broker_url or "")) else None)
-                if stamper is not None:
-                    stamper.push([(intent_id, queue_name(target)) for intent_id, target in items], published)
-                else:
-                    self._publish_each(producer, name, items, published)
+                self._publish_each(producer, name, items, published)
         except Exception as exc:  # kombu raises OperationalError and friends when Redis is down
             raise EnqueueFailed(f"{type(exc).__name__}: {exc}") from exc
 
@@ -259,7 +261,7 @@ class CeleryQueue:
         the oldest waiting one has been handed to a worker: an intent published earlier than that and
         still due has lost its message (a flush, a restart, a worker that died holding it).
         """
-        if not _stampable(str(self.app.conf.broker_url or "")):
+        if not self._plain_redis:
             return {}
         import redis
 
@@ -278,11 +280,6 @@ class CeleryQueue:
             log.info("cannot look at the broker's queues (%s): presuming messages lost by age alone", exc)
             return {}
         return out
-
-
-def _stampable(broker_url: str) -> bool:
-    """A broker whose queues are plain Redis lists we may read and push to (not Sentinel)."""
-    return broker_url.startswith(("redis://", "rediss://", "unix://"))
 
 
 def _task_ids(count: int) -> list[str]:
@@ -319,7 +316,7 @@ class RedisStamper:
     @classmethod
     def probe(cls, app: Celery, channel: Any, name: str, queue: str) -> RedisStamper | None:
         """A stamper if this channel is kombu's Redis channel and the templates check out, else None."""
-        needed = ("client", "prepare_message", "_inplace_augment_message", "_q_for_pri")
+        needed = ("prepare_message", "_inplace_augment_message", "_q_for_pri")
         if not all(hasattr(channel, attribute) for attribute in needed):
             return None
         if getattr(channel, "global_keyprefix", None):  # keys we would push to are not the queues' names
@@ -374,11 +371,12 @@ class RedisStamper:
                    .replace(self.PUBLISHED, repr(float(published))))
         return key, message if eta is None else message.replace(self.ETA, eta)
 
-    def push(self, items: list[tuple[uuid.UUID, str]], published: float) -> None:
-        """LPUSH each (intent id, queue) message, PUBLISH_BATCH to a pipeline."""
+    def push(self, items: list[tuple[uuid.UUID, str]], published: float, client: Any) -> None:
+        """LPUSH each (intent id, queue) message through ``client`` (a ``redis.Redis`` on the broker),
+        PUBLISH_BATCH to a pipeline."""
         task_ids, tags = _task_ids(len(items)), _task_ids(len(items))
         for start in range(0, len(items), PUBLISH_BATCH):
-            pipe = self.channel.client.pipeline(transaction=False)
+            pipe = client.pipeline(transaction=False)
             for i in range(start, min(start + PUBLISH_BATCH, len(items))):
                 intent_id, queue = items[i]
                 pipe.lpush(*self.stamp(intent_id, queue, published=published, task_id=task_ids[i], tag=tags[i]))
