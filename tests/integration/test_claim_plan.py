@@ -1,0 +1,59 @@
+"""The claim finds its intent by primary key whatever PostgreSQL's statistics say about its status."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, insert, text, update
+
+from dispatcher.store import db
+from dispatcher.store.repo import _claim_statement
+from dispatcher.store.tables import IntentRow
+
+INTENTS = IntentRow.__table__
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = db.make_engine(database_url, pool_size=2, max_overflow=0, pre_ping=False)
+    yield engine
+    engine.dispose()
+
+
+def index_names(plan: dict[str, Any]) -> set[str]:
+    names = {plan["Index Name"]} if "Index Name" in plan else set()
+    for child in plan.get("Plans", []):
+        names |= index_names(child)
+    return names
+
+
+def test_a_poll_claim_reads_one_row_when_the_statistics_think_polling_is_rare(engine: Engine) -> None:
+    # the statistics are taken while the batch is queued; then half of it starts polling: the
+    # (status, next_attempt_at) index looks selective for "polling" but holds every polling intent
+    now = datetime.now(UTC)
+    ids = [uuid.uuid4() for _ in range(2000)]
+    with engine.begin() as conn:
+        conn.execute(insert(INTENTS), [dict(
+            id=intent_id, target="nocworx", provider="nocworx", status="queued", source="api", subject="s",
+            body="b", priority="medium", cc=[], labels={}, attempts=0, deliveries=0, needs_reconcile=False,
+            next_attempt_at=now, created_at=now, updated_at=now) for intent_id in ids])
+        conn.execute(text("ANALYZE intents"))
+        conn.execute(update(INTENTS).where(INTENTS.c.id.in_(ids[::2]))
+                     .values(status="polling", next_attempt_at=now - timedelta(seconds=1)))
+    claim = _claim_statement(frozenset({"polling"}))
+    params = {"b_id": ids[0], "b_now": now, "lease_until": now + timedelta(seconds=60), "leased_by": "w1",
+              "updated_at": now, "status": "polling"}
+    compiled = claim.compile(dialect=engine.dialect)
+    with engine.begin() as conn:
+        explained = conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + str(compiled),
+                                         compiled.construct_params(params)).scalar_one()
+        conn.rollback()
+    plan = (explained if isinstance(explained, list) else json.loads(explained))[0]["Plan"]
+    assert index_names(plan) == {"pk_intents", "pk_target_states"}
+    scan = plan["Plans"][0]
+    assert (scan["Actual Rows"], scan.get("Rows Removed by Filter", 0)) == (1, 0)
