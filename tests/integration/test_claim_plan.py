@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
 from sqlalchemy import Engine, insert, text, update
 
-from dispatcher.store import db
 from dispatcher.store.repo import _claim_statement
 from dispatcher.store.tables import IntentRow
 
 INTENTS = IntentRow.__table__
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = db.make_engine(database_url, pool_size=2, max_overflow=0, pre_ping=False)
-    yield engine
-    engine.dispose()
 
 
 def index_names(plan: dict[str, Any]) -> set[str]:

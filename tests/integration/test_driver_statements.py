@@ -4,7 +4,6 @@ the same effects, values and errors as SQLAlchemy's own execution, and a pool le
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,13 +17,6 @@ from dispatcher.store.tables import AttemptRow, IntentRow
 
 INTENTS = IntentRow.__table__
 ATTEMPTS = AttemptRow.__table__
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = db.make_engine(database_url, pool_size=2, max_overflow=0, pre_ping=False)
-    yield engine
-    engine.dispose()
 
 
 def new_intent(engine: Engine) -> uuid.UUID:
