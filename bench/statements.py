@@ -14,7 +14,7 @@ all alike; the figures are medians over rounds of the CPU (user + system) per st
 
 sqlalchemy  a connection checked out of the engine's pool in autocommit per statement and
             ``Connection.execute`` (how the worker ran it until 2026-12-04)
-driver      ``execute_one``: the statement compiled once, run on the pooled connection's cursor
+driver      ``execute_one``: the statement compiled once, run on one of the engine's own autocommit connections
 bare        psycopg's ``cursor.execute`` + ``fetchone`` on one connection held throughout (no pool)
 """
 

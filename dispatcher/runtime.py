@@ -20,15 +20,18 @@ from dispatcher.queue import InProcessQueue, TaskQueue
 from dispatcher.ratelimit import limiter_for
 from dispatcher.service import Dispatcher, Limiter
 from dispatcher.store import db
+from dispatcher.store.driver import driver_connections
 from dispatcher.store.repo import Store
 
 log = logging.getLogger(__name__)
 
 
-#: database connections a worker's threads share: one per thread, up to this many. Fewer makes
-#: threads queue for a connection, and a thread that holds one while it waits for the GIL keeps the
-#: others waiting too (bench/e2e.py: 100 threads on 20 connections made a third fewer tickets per
-#: second than on 100). A thread holds one only while it writes, never across an HTTP call.
+#: Database connections of a worker process. The hot path's statements (claim, attempt record,
+#: completion) have their own, kept in autocommit and reused last in, first out
+#: (``store.driver.DriverConnections``): at most one per thread, in practice those busy at once.
+#: The pool is for everything else (a lease renewal, an early message's look-up, a reconcile),
+#: which a thread needs far less often: a quarter of the threads' count (at least 2, at most
+#: DB_POOL_MAX // 4) and DB_POOL_OVERFLOW more in a burst. So ``-c 64``: at most 64 + 16 + 5 = 85.
 DB_POOL_MAX = 64
 DB_POOL_OVERFLOW = 5
 
@@ -78,8 +81,8 @@ def build_runtime(config: AppConfig, *, queue: TaskQueue | None = None, limiter:
         engine = db.make_engine(url)
     else:
         # connections beyond the pool's size are closed when given back, and opening one costs more
-        # than a whole dispatch: the pool holds what the threads may use at once
-        size = max(1, min(concurrency, DB_POOL_MAX))
+        # than a whole dispatch; the hot path's statements use each thread's own (DB_POOL_MAX)
+        size = max(2, min(concurrency, DB_POOL_MAX) // 4)
         engine = db.make_engine(url, pool_size=size, max_overflow=DB_POOL_OVERFLOW, pre_ping=False)
     connections = max(concurrency or 0, 100)
     store = Store(engine)
@@ -94,7 +97,7 @@ def build_runtime(config: AppConfig, *, queue: TaskQueue | None = None, limiter:
             in_process = InProcessQueue(lambda task, intent_id: run_task(holder["service"], task, intent_id),
                                         threads=threads)
             queue = in_process
-    closers: list[Any] = [engine.dispose]
+    closers: list[Any] = [engine.dispose, driver_connections(engine).close]  # run last to first
     if limiter is None:  # the shared budget: Redis when there is one, else this process's memory
         shared = limiter_for(config)
         closers.append(shared.close)

@@ -2,21 +2,24 @@
 
 SQLAlchemy's execution (a Connection per checkout, an execution context, parameter and result
 processing through its event and caching layers) costs several times what the statement costs
-psycopg: for the claim, 333.5 microseconds of CPU through SQLAlchemy, 88.7 here, 53.7 on a bare
-cursor (``bench/statements.py``, README "The worker's hot path"). A worker runs three such
-statements per exchange, all of them built once, so it compiles each one
-once here, keeps the SQL text, the values SQLAlchemy bound into it and the type processing of
-each parameter and result column, and hands the text to psycopg itself on a pooled connection,
-in autocommit (each is one statement, its own transaction).
+psycopg (``bench/statements.py``, README "The worker's hot path"). A worker runs three such
+statements per exchange, all of them built once, so it compiles each one once here, keeps the SQL
+text, the values SQLAlchemy bound into it and the type processing of each parameter and result
+column, and hands the text to psycopg itself, in autocommit (each is one statement, its own
+transaction), on connections of its own (:class:`DriverConnections`: out of SQLAlchemy's pool,
+always in autocommit, reused last in, first out).
 
 Errors come out as SQLAlchemy's (``DBAPIError`` and its subclasses, parameters hidden), and a
-lost connection invalidates the pool as SQLAlchemy's own execution does, so callers see no
+lost connection empties the pool as SQLAlchemy's own execution does, so callers see no
 difference. PostgreSQL only; SQLite keeps SQLAlchemy's execution.
 """
 
 from __future__ import annotations
 
-from collections import namedtuple
+import contextlib
+import threading
+import weakref
+from collections import deque, namedtuple
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -86,41 +89,113 @@ class DriverStatement:
         return values[0] if self.row is None else self.row(*values)
 
 
-#: where a pooled connection keeps the cursor its driver statements reuse (building one per
-#: statement cost a third of psycopg's time for it); SQLAlchemy clears it when the connection is replaced
-_CURSOR = "dispatcher.driver_cursor"
-
 #: called with each statement's SQL before it runs (the hot-path benchmark and tests count them)
 StatementHook = Callable[[str], None]
 
 
+@dataclass(slots=True)
+class _Idle:
+    """A connection of :class:`DriverConnections`, its cursor, and the generation it was made in."""
+
+    connection: psycopg.Connection[Any]
+    cursor: psycopg.Cursor[Any]
+    generation: int
+
+
+class DriverConnections:
+    """An engine's connections for driver statements: kept in autocommit, handed out last in, first out.
+
+    They are taken from the engine's pool once and detached from it (they no longer count in, or go
+    back to, the pool), so a statement costs no checkout and return through the pool and no
+    switching autocommit on and off (together about 40 % of the CPU a driver statement cost,
+    ``bench/statements.py``). Last in, first out: the few connections that serve most statements
+    stay busy and warm (PostgreSQL's caches, psycopg's prepared statements, the pages a backend
+    inserts into), the others idle; there are never more than the statements run at once.
+
+    A lost connection (a database restart) fails its statement, with SQLAlchemy's error, and makes
+    every other connection stale: each is replaced when next taken, and the engine's pool is
+    emptied, as SQLAlchemy's own execution does on a disconnect."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._idle: deque[_Idle] = deque()  # append and pop are atomic
+        self._generation = 0
+
+    def _take(self) -> _Idle:
+        while True:
+            try:
+                idle = self._idle.pop()
+            except IndexError:
+                break
+            if idle.generation == self._generation and not idle.connection.closed:
+                return idle
+            self._discard(idle)
+        fairy = self.engine.raw_connection()
+        connection: psycopg.Connection[Any] = fairy.driver_connection  # type: ignore[assignment]
+        fairy.detach()
+        connection.autocommit = True
+        return _Idle(connection, connection.cursor(), self._generation)
+
+    @staticmethod
+    def _discard(idle: _Idle) -> None:
+        with contextlib.suppress(Exception):
+            idle.connection.close()
+
+    def execute(self, statement: DriverStatement, values: Mapping[str, Any], hook: StatementHook | None = None) -> Any:
+        """Run ``statement`` in autocommit; its first row, converted (None when there is none).
+        The statement returns rows (RETURNING, a SELECT)."""
+        params = statement.parameters(values)
+        idle = self._take()
+        try:
+            if hook is not None:
+                hook(statement.sql)
+            idle.cursor.execute(statement.sql, params)
+            raw = idle.cursor.fetchone()
+        except psycopg.Error as exc:
+            connection = idle.connection
+            disconnected = bool(self.engine.dialect.is_disconnect(cast(Any, exc), cast(Any, connection), None)
+                                or connection.closed or connection.broken)
+            if disconnected:
+                self._discard(idle)
+                self._generation += 1  # the others are presumed dead too: replaced when next taken
+                self.engine.dispose()  # and the pool's, as SQLAlchemy's own execution does
+            else:
+                self._idle.append(idle)  # a refused statement leaves it usable (no transaction)
+            raise DBAPIError.instance(statement.sql, None, exc, psycopg.Error, hide_parameters=True,
+                                      connection_invalidated=disconnected, dialect=self.engine.dialect) from exc
+        except BaseException:
+            self._discard(idle)  # interrupted mid-statement: its state is unknown
+            raise
+        self._idle.append(idle)
+        return None if raw is None else statement.convert(raw)
+
+    def close(self) -> None:
+        """Close the idle connections; one in use is closed when given back."""
+        self._generation += 1
+        while True:
+            try:
+                self._discard(self._idle.pop())
+            except IndexError:
+                return
+
+
+_BY_ENGINE: weakref.WeakKeyDictionary[Engine, DriverConnections] = weakref.WeakKeyDictionary()
+_BY_ENGINE_LOCK = threading.Lock()
+
+
+def driver_connections(engine: Engine) -> DriverConnections:
+    """The engine's :class:`DriverConnections` (one per engine, made on first use)."""
+    connections = _BY_ENGINE.get(engine)
+    if connections is None:
+        with _BY_ENGINE_LOCK:
+            connections = _BY_ENGINE.get(engine)
+            if connections is None:
+                connections = _BY_ENGINE[engine] = DriverConnections(engine)
+    return connections
+
+
 def execute_one(engine: Engine, statement: DriverStatement, values: Mapping[str, Any],
                 hook: StatementHook | None = None) -> Any:
-    """Run ``statement`` in autocommit on a connection of ``engine``'s pool; its first row,
-    converted (None when there is none). The statement returns rows (RETURNING, a SELECT)."""
-    params = statement.parameters(values)
-    fairy = engine.raw_connection()
-    try:
-        driver: psycopg.Connection[Any] = fairy.driver_connection  # type: ignore[assignment]
-        try:
-            driver.autocommit = True
-            try:
-                if hook is not None:
-                    hook(statement.sql)
-                cursor = fairy.info.get(_CURSOR)
-                if cursor is None or cursor.connection is not driver:  # one per connection, kept with it
-                    cursor = fairy.info[_CURSOR] = driver.cursor()
-                cursor.execute(statement.sql, params)
-                raw = cursor.fetchone()
-            finally:
-                if not driver.closed and not driver.broken:
-                    driver.autocommit = False  # the pool's other users expect transactions
-        except psycopg.Error as exc:
-            disconnected = engine.dialect.is_disconnect(cast(Any, exc), fairy, None)
-            if disconnected:  # as SQLAlchemy's own execution does: every connection of that age goes
-                engine.pool._invalidate(fairy, exc)
-            raise DBAPIError.instance(statement.sql, None, exc, psycopg.Error, hide_parameters=True,
-                                      connection_invalidated=disconnected, dialect=engine.dialect) from exc
-    finally:
-        fairy.close()
-    return None if raw is None else statement.convert(raw)
+    """Run ``statement`` in autocommit on one of ``engine``'s :class:`DriverConnections`; its first
+    row, converted (None when there is none)."""
+    return driver_connections(engine).execute(statement, values, hook)

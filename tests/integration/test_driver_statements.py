@@ -3,12 +3,14 @@ the same effects, values and errors as SQLAlchemy's own execution, and a pool le
 
 from __future__ import annotations
 
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, bindparam, insert, select, text, update
+from sqlalchemy import Engine, bindparam, func, insert, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from dispatcher.store import db
@@ -84,16 +86,57 @@ def test_a_failing_statement_raises_sqlalchemys_error_without_its_parameters(eng
     assert "foreign key" in str(raised.value)
 
 
-def test_the_connection_goes_back_to_the_pool_in_transaction_mode(engine: Engine) -> None:
+BACKEND = select(func.pg_backend_pid().label("pid"))
+
+
+def two_at_once(engine: Engine) -> set[int]:
+    """Two statements running at once (the other thread's waits in its hook): two connections,
+    both idle afterwards; their backends' pids."""
+    started, release = threading.Event(), threading.Event()
+
+    def hold(_sql: str) -> None:
+        started.set()
+        release.wait(5)
+
+    with ThreadPoolExecutor(max_workers=1) as other:
+        theirs = other.submit(execute_one, engine, DriverStatement.compile(BACKEND, engine.dialect), {}, hold)
+        assert started.wait(5)
+        mine = run(engine, BACKEND, {})
+        release.set()
+        return {mine, theirs.result()}
+
+
+def test_statements_reuse_the_last_connection_given_back_and_the_pool_keeps_its_own(engine: Engine) -> None:
     intent_id = new_intent(engine)
+    pids = two_at_once(engine)
+    assert len(pids) == 2
+    last = run(engine, BACKEND, {})
     run(engine, CLAIM, {"b_id": intent_id, "status": "sending", "leased_by": "w1"})
-    # the pool has 2 connections and no overflow: these use the one the driver statement used
-    for _ in range(2):
-        with engine.connect() as conn:
+    assert run(engine, BACKEND, {}) == last in pids  # one stays busy, the other idle
+    # outside the pool: its 2 connections (no overflow) are both still there, in transaction mode
+    with engine.connect() as first, engine.connect() as second:
+        for conn in (first, second):
+            assert conn.execute(BACKEND).scalar() not in pids
             conn.execute(text("UPDATE intents SET leased_by = 'rolled back' WHERE id = :i"), {"i": intent_id})
             conn.rollback()
     with engine.connect() as conn:
         assert conn.execute(text("SELECT leased_by FROM intents WHERE id = :i"), {"i": intent_id}).scalar() == "w1"
+
+
+def test_after_a_lost_connection_the_others_are_replaced_before_their_next_statement(
+        engine: Engine, database_url: str) -> None:
+    pids = two_at_once(engine)
+    with db.make_engine(database_url, pooled=False).connect() as admin:
+        admin.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+        admin.commit()
+    with pytest.raises(DBAPIError) as raised:  # the first statement to meet the loss fails, as before
+        run(engine, BACKEND, {})
+    assert raised.value.connection_invalidated
+    # the second idle connection is dead too, and is not tried: the next statement makes a new one
+    assert run(engine, BACKEND, {}) not in pids
+    with engine.connect() as conn:  # the pool was emptied: a fresh connection
+        assert conn.execute(BACKEND).scalar()
 
 
 def test_a_connection_lost_mid_statement_invalidates_the_pool_and_the_next_statement_reconnects(
