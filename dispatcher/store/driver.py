@@ -166,7 +166,10 @@ class DriverConnections:
         except BaseException:
             self._discard(idle)  # interrupted mid-statement: its state is unknown
             raise
-        self._idle.append(idle)
+        if idle.generation == self._generation:
+            self._idle.append(idle)
+        else:  # made stale while it ran (another's lost connection, or close())
+            self._discard(idle)
         return None if raw is None else statement.convert(raw)
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, bindparam, func, insert, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from dispatcher.store import db
-from dispatcher.store.driver import DriverStatement, execute_one
+from dispatcher.store.driver import DriverStatement, driver_connections, execute_one
 from dispatcher.store.tables import AttemptRow, IntentRow
 
 INTENTS = IntentRow.__table__
@@ -155,3 +155,9 @@ def test_a_connection_lost_mid_statement_invalidates_the_pool_and_the_next_state
     with engine.begin() as conn:  # a fresh connection, in transaction mode
         conn.execute(text("UPDATE intents SET status = 'waiting' WHERE id = :i"), {"i": intent_id})
     assert run(engine, CLAIM, values).status == "sending"
+
+
+def test_closing_them_closes_the_idle_ones_and_a_later_statement_opens_a_new_one(engine: Engine) -> None:
+    first = run(engine, BACKEND, {})
+    driver_connections(engine).close()
+    assert run(engine, BACKEND, {}) != first
