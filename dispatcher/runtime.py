@@ -81,7 +81,7 @@ def build_runtime(config: AppConfig, *, queue: TaskQueue | None = None, limiter:
         engine = db.make_engine(url)
     else:
         # connections beyond the pool's size are closed when given back, and opening one costs more
-        # than a whole dispatch; the hot path's statements use each thread's own (DB_POOL_MAX)
+        # than a whole dispatch; the hot path's statements have connections of their own (DB_POOL_MAX)
         size = max(2, min(concurrency, DB_POOL_MAX) // 4)
         engine = db.make_engine(url, pool_size=size, max_overflow=DB_POOL_OVERFLOW, pre_ping=False)
     connections = max(concurrency or 0, 100)

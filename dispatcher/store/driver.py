@@ -107,7 +107,7 @@ class DriverConnections:
 
     They are taken from the engine's pool once and detached from it (they no longer count in, or go
     back to, the pool), so a statement costs no checkout and return through the pool and no
-    switching autocommit on and off (together about 40 % of the CPU a driver statement cost,
+    switching autocommit on and off (together about 30 % of the CPU a driver statement cost,
     ``bench/statements.py``). Last in, first out: the few connections that serve most statements
     stay busy and warm (PostgreSQL's caches, psycopg's prepared statements, the pages a backend
     inserts into), the others idle; there are never more than the statements run at once.
