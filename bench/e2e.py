@@ -9,7 +9,10 @@ Run (needs PostgreSQL and Redis, the same as the test suite)::
 Options:
     --intents N        intents per variant and run, half HostUp, half NocWorx (default 10000)
     --latency L,...    the simulator's response latency in ms, each a separate row (default 0,200)
-    --concurrency C    threads per worker process (default 64, ``dispatcher worker``'s default)
+    --pool P           the dispatcher's workers' pool: threads or gevent (default threads, as
+                       ``dispatcher worker``'s)
+    --concurrency C    tasks at once per worker process (default: ``dispatcher worker``'s for the
+                       pool, 64 threads or 256 greenlets)
     --workers W        worker processes (default 1)
     --paced M          intents submitted one by one afterwards, to measure latency (default 400)
     --paced-rate R     ... at R intents per second (default 20: under both variants' capacity on
@@ -28,12 +31,13 @@ Environment: ``DISPATCHER_TEST_PG`` (an admin URL; scratch databases are created
 What runs, per latency and run, against one simulator process (HostUp and NocWorx APIs, no rate
 limit, every answer delayed by the latency):
 
-dispatcher  W x ``dispatcher worker --pool threads --concurrency C`` and ``dispatcher scheduler`` over
+dispatcher  W x ``dispatcher worker --pool P --concurrency C`` and ``dispatcher scheduler`` over
             Postgres and Redis, every guarantee on: the shared rate limiter (set far above what is
             reached, so it is consulted and never waits), the department list, an attempt recorded
             before each send and completed after, leases, events, NocWorx tasks polled to the ticket.
-baseline    W x ``celery worker --pool threads -c C`` running bench/e2e_baseline.py: POST the same
-            create with httpx, INSERT one row, nothing else (no polling either).
+baseline    W x ``celery worker --pool threads -c C`` (with ``--pool gevent``: 64 threads over the W)
+            running bench/e2e_baseline.py: POST the same create with httpx, INSERT one row, nothing
+            else (no polling either).
 
 Two phases, each measured for both variants:
 
@@ -78,8 +82,18 @@ import psycopg
 import redis
 
 from bench.ratelimit import Proc, Simulator, base_env, leased_redis_db, scratch_database, start
+from dispatcher.cli import WORKER_CONCURRENCY
 
 ROOT = Path(__file__).resolve().parent.parent
+#: the baseline's pool, whatever the dispatcher's: Celery's threads, as many as the dispatcher's with
+#: ``--pool threads``, else 64 per process split over the workers (with gevent and 256 greenlets the
+#: baseline did worse than with threads at 200 ms: its one httpx pool of 256 connections is looked
+#: over on every request)
+BASELINE_THREADS = 64
+
+
+def baseline_threads(args: argparse.Namespace) -> int:
+    return int(args.concurrency) if args.pool == "threads" else max(1, BASELINE_THREADS // args.workers)
 HOSTUP_KEY = "bench-hostup-key-0123456789abcdef"
 NOCWORX_KEY = "bench-nocworx-key-0123456789abcdef"
 VARIANTS = ("dispatcher", "baseline")
@@ -391,7 +405,7 @@ def run_dispatcher(args: argparse.Namespace, latency: int, sim: Simulator, redis
                              "DISPATCHER_CONFIG": str(config_file), "DISPATCHER_LOG_LEVEL": "WARNING",
                              "DISPATCHER_LOG_FORMAT": "json", **env})
         dispatcher_bin = str(Path(sys.executable).parent / "dispatcher")
-        argv = [dispatcher_bin, "worker", "--pool", "threads", "--concurrency", str(args.concurrency)]
+        argv = [dispatcher_bin, "worker", "--pool", args.pool, "--concurrency", str(args.concurrency)]
         workers = [start(workdir, f"worker{n}", argv, {**proc_env, "DISPATCHER_WORKER_NAME": f"w{n}"})
                    for n in range(args.workers)]
         procs = [*workers, start(workdir, "scheduler", [dispatcher_bin, "scheduler"], proc_env)]
@@ -468,11 +482,11 @@ def run_baseline(args: argparse.Namespace, latency: int, sim: Simulator, redis_u
             conn.execute(e2e_baseline.TABLE)
         env = base_env({"BENCH_BROKER_URL": redis_url, "BENCH_DATABASE_URL": database_url, "BENCH_SIM_URL": sim.url,
                         "BENCH_HOSTUP_KEY": HOSTUP_KEY, "BENCH_NOCWORX_KEY": NOCWORX_KEY,
-                        "BENCH_CONNECTIONS": str(args.concurrency)})
+                        "BENCH_CONNECTIONS": str(baseline_threads(args))})
         app = e2e_baseline.app
         app.conf.broker_url = redis_url
         procs = [start(workdir, f"baseline{n}", [sys.executable, "-m", "celery", "-A", "bench.e2e_baseline", "worker",
-                                                 "--pool", "threads", "-c", str(args.concurrency), "-Q", "bench",
+                                                 "--pool", "threads", "-c", str(baseline_threads(args)), "-Q", "bench",
                                                  "-l", "warning", "-n", f"bench{n}@%h", "--without-gossip",
                                                  "--without-mingle", "--without-heartbeat"], env)
                  for n in range(args.workers)]
@@ -575,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--intents", type=int, default=10_000)
     parser.add_argument("--latency", default="0,200")
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--pool", choices=sorted(WORKER_CONCURRENCY.keys() & {"threads", "gevent"}), default="threads")
+    parser.add_argument("--concurrency", type=int, default=None)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--paced", type=int, default=400)
     parser.add_argument("--paced-rate", type=float, default=20.0)
@@ -586,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "e2e.json")
     args = parser.parse_args(argv)
+    args.concurrency = args.concurrency or WORKER_CONCURRENCY[args.pool]
     latencies = [int(x) for x in args.latency.split(",") if x.strip()]
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     if unknown := [v for v in chosen if v not in VARIANTS]:
@@ -617,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {key: medians(results) for key, results in runs.items()}
     print()
     print(f"medians of {args.runs} run(s); {args.intents} intents (half HostUp, half NocWorx), "
-          f"{args.workers} worker process(es) x {args.concurrency} threads; latency: {args.paced} intents "
+          f"{args.workers} worker process(es), pool {args.pool} x {args.concurrency}; latency: {args.paced} intents "
           f"at {args.paced_rate:g}/s; {os.cpu_count()} cores")
     print(table(summary))
     checks = verdicts(summary, args.workers)

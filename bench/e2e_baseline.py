@@ -10,14 +10,16 @@ that costs.
 Configured from the environment (set by the benchmark): ``BENCH_BROKER_URL``,
 ``BENCH_DATABASE_URL``, ``BENCH_SIM_URL`` (the simulator's root), ``BENCH_HOSTUP_KEY``,
 ``BENCH_NOCWORX_KEY``, ``BENCH_CONNECTIONS`` (httpx pool size; the worker's concurrency).
-Run: ``celery -A bench.e2e_baseline worker --pool threads -c 200 -Q bench``.
+Run: ``celery -A bench.e2e_baseline worker --pool threads -c 64 -Q bench`` (or ``--pool gevent -c 256``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -50,12 +52,21 @@ def _client(provider: str) -> httpx.Client:
         return _clients[provider]
 
 
-def _connection() -> psycopg.Connection[Any]:
-    conn: psycopg.Connection[Any] | None = getattr(_local, "conn", None)
-    if conn is None:
+_idle: list[psycopg.Connection[Any]] = []  # last in, first out; append and pop are atomic
+
+
+@contextlib.contextmanager
+def _connection() -> Iterator[psycopg.Connection[Any]]:
+    """A connection of the process's own, in autocommit: one per task running at once (a thread or
+    a greenlet: Celery's gevent pool runs each task in a new one, so not one per greenlet)."""
+    try:
+        conn = _idle.pop()
+    except IndexError:
         conn = psycopg.connect(os.environ["BENCH_DATABASE_URL"], autocommit=True)
-        _local.conn = conn
-    return conn
+    try:
+        yield conn
+    finally:
+        _idle.append(conn)
 
 
 @app.task(name="bench.e2e_create")  # type: ignore[untyped-decorator]
@@ -67,6 +78,7 @@ def e2e_create(provider: str, subject: str, body: str, published_at: float) -> N
         response = _client(provider).post("/v1/ticket", json={
             "department": "support", "subject": subject, "comment": body})
     response.raise_for_status()
-    _connection().execute(
-        "INSERT INTO bench_ticket (provider, status, answer, published_at, finished_at) VALUES (%s, %s, %s, %s, %s)",
-        (provider, response.status_code, response.text, published_at, time.time()))
+    with _connection() as conn:
+        conn.execute("INSERT INTO bench_ticket (provider, status, answer, published_at, finished_at) "
+                     "VALUES (%s, %s, %s, %s, %s)",
+                     (provider, response.status_code, response.text, published_at, time.time()))

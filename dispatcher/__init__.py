@@ -15,6 +15,12 @@ returns the existing one). Configuration comes from ``DISPATCHER_*`` and the tar
 
 from __future__ import annotations
 
+import sys
+
+from dispatcher.green import patch_for_green_worker
+
+patch_for_green_worker(sys.argv)  # before anything below imports socket or threading (gevent pool only)
+
 import threading
 import uuid
 from typing import Any

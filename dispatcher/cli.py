@@ -20,11 +20,14 @@ from rich.console import Console
 
 from dispatcher.config import AppConfig, Settings, load_config
 from dispatcher.errors import ConfigError, IntentInvalid, UnknownIntent
+from dispatcher.green import patch_for_green_worker
 from dispatcher.heap import settle_heap
 
 EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG, EXIT_UNAVAILABLE = 1, 2, 3, 4
-#: a worker's default thread count: enough for hundreds of requests in flight at 200 ms each (README, Performance)
-WORKER_THREADS = 64
+#: a worker's default concurrency per pool: threads cost a thread switch each time one waits, so 64
+#: of them; a greenlet costs a few kilobytes, so 256, hundreds of requests in flight (README,
+#: "The worker's hot path")
+WORKER_CONCURRENCY = {"threads": 64, "gevent": 256, "prefork": os.cpu_count() or 2, "solo": 1}
 
 # a pipe or a log file gets a readable width instead of rich's 80 columns
 console = Console() if sys.stdout.isatty() or "COLUMNS" in os.environ else Console(width=200)
@@ -141,16 +144,24 @@ def api(host: str | None, port: int | None) -> None:
 
 
 @main.command()
-@click.option("--concurrency", "-c", type=click.IntRange(min=1), default=WORKER_THREADS, show_default=True,
-              help="Tasks at once: threads (--pool threads) or child processes (prefork).")
-@click.option("--pool", type=click.Choice(["threads", "prefork", "solo"]), default="threads", show_default=True,
-              help="threads: one process, waits on HTTP overlap (the default; see README, Performance).")
+@click.option("--concurrency", "-c", type=click.IntRange(min=1), default=None,
+              help="Tasks at once: greenlets (gevent, default 256), threads (default 64) or child "
+                   "processes (prefork, default: one per core).")
+@click.option("--pool", type=click.Choice(["gevent", "threads", "prefork", "solo"]), default="threads",
+              show_default=True,
+              help="gevent or threads: one process whose waits on HTTP overlap (see README, The worker's hot path).")
 @click.option("--queues", "-Q", default=None, help="Comma-separated target names (default: all targets).")
-def worker(concurrency: int, pool: str, queues: str | None) -> None:
+def worker(concurrency: int | None, pool: str, queues: str | None) -> None:
     """Run a Celery worker (needs DISPATCHER_BROKER_URL)."""
-    from dispatcher.worker.app import queue_name
+    from dispatcher.worker.app import configure_pool, queue_name
     from dispatcher.worker.tasks import create_worker_app
 
+    if pool == "gevent" and not patch_for_green_worker(sys.argv):
+        # only `dispatcher worker --pool gevent` on the command line patches early enough (dispatcher.green)
+        err_console.print("[red]--pool gevent[/] needs the standard library patched at start-up: run it as "
+                          "`dispatcher worker --pool gevent` (or `python -m dispatcher worker --pool gevent`)")
+        sys.exit(EXIT_USAGE)
+    concurrency = concurrency or WORKER_CONCURRENCY[pool]
     config = _config()
     if not config.settings.broker_url:
         err_console.print("[red]DISPATCHER_BROKER_URL is not set[/]: `dispatcher run` serves the embedded default")
@@ -160,7 +171,8 @@ def worker(concurrency: int, pool: str, queues: str | None) -> None:
         from dispatcher.metrics import use_multiprocess
 
         use_multiprocess(config.settings.metrics_dir)  # children count in files; this process serves the sum
-    app = create_worker_app(config, threads=concurrency if pool == "threads" else 1)
+    app = create_worker_app(config, threads=concurrency if pool in ("threads", "gevent") else 1)
+    configure_pool(app, pool, concurrency)
     names = [q.strip() for q in queues.split(",")] if queues else sorted(config.targets)
     unknown = [n for n in names if n not in config.targets]
     if unknown:

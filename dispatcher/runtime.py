@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 #: The pool is for everything else (a lease renewal, an early message's look-up, a reconcile),
 #: which a thread needs far less often: a quarter of the threads' count (at least 2, at most
 #: DB_POOL_MAX // 4) and DB_POOL_OVERFLOW more in a burst. So ``-c 64``: at most 64 + 16 + 5 = 85.
+#: A gevent worker runs more tasks than that (256): its hot path waits for one of DB_POOL_MAX
+#: connections, so it opens at most 85 too.
 DB_POOL_MAX = 64
 DB_POOL_OVERFLOW = 5
 
@@ -85,6 +87,8 @@ def build_runtime(config: AppConfig, *, queue: TaskQueue | None = None, limiter:
         size = max(2, min(concurrency, DB_POOL_MAX) // 4)
         engine = db.make_engine(url, pool_size=size, max_overflow=DB_POOL_OVERFLOW, pre_ping=False)
     connections = max(concurrency or 0, 100)
+    if concurrency is not None and concurrency > DB_POOL_MAX:  # greenlets: more tasks than connections
+        driver_connections(engine).limit(DB_POOL_MAX)
     store = Store(engine)
     holder: dict[str, Dispatcher] = {}
     in_process: InProcessQueue | None = None

@@ -120,6 +120,15 @@ class DriverConnections:
         self.engine = engine
         self._idle: deque[_Idle] = deque()  # append and pop are atomic
         self._generation = 0
+        self._slots: threading.BoundedSemaphore | None = None
+
+    def limit(self, connections: int) -> None:
+        """Open at most ``connections`` at once: a statement past them waits for one to be given back.
+
+        For a worker running more tasks at once than PostgreSQL should serve connections (256
+        greenlets); with threads there are never more than the threads, and no limit is set (its
+        semaphore would be a cost on every statement)."""
+        self._slots = threading.BoundedSemaphore(connections)
 
     def _take(self) -> _Idle:
         while True:
@@ -145,6 +154,13 @@ class DriverConnections:
         """Run ``statement`` in autocommit; its first row, converted (None when there is none).
         The statement returns rows (RETURNING, a SELECT)."""
         params = statement.parameters(values)
+        slots = self._slots
+        if slots is None:
+            return self._execute(statement, params, hook)
+        with slots:
+            return self._execute(statement, params, hook)
+
+    def _execute(self, statement: DriverStatement, params: dict[str, Any], hook: StatementHook | None) -> Any:
         idle = self._take()
         try:
             if hook is not None:

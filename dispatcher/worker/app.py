@@ -80,6 +80,34 @@ def make_celery(config: AppConfig) -> Celery:
     return app
 
 
+#: Redis connections a worker's channel may open beyond one per task running at once (the consumer's
+#: own, a publish); kombu's default cap is 10, and each task acks on a connection of its own
+BROKER_CONNECTIONS_SPARE = 8
+
+
+def configure_pool(app: Celery, pool: str, concurrency: int) -> None:
+    """Settings that depend on the worker's pool and how many tasks it runs at once.
+
+    Every task acks its own message (late acks), so the channel's Redis connections must cover all
+    of them at once: past kombu's cap of 10, an ack fails with "Too many connections" (seen with
+    the gevent pool) and the message is delivered again an hour later.
+
+    gevent: Celery's consumer has no event loop with a green pool (``synloop``); it reads one
+    message per ``drain_events`` and, while every prefetch slot is taken, does not ask Redis for
+    more, and nothing wakes it when an ack frees a slot: it sleeps out its 2 s poll. With a prefetch
+    of one per greenlet the slots fill as soon as every greenlet is busy, and the worker took in
+    about 16 messages a second (bench/e2e.py, 200 ms). With two per greenlet the slots never fill
+    first: the consumer blocks handing the next message to the pool (gevent's ``Pool.spawn`` waits
+    for a free greenlet) and goes on the moment one finishes, so the worker still holds at most one
+    message more than it runs.
+    """
+    options = dict(app.conf.broker_transport_options or {})
+    options["max_connections"] = max(10, concurrency + BROKER_CONNECTIONS_SPARE)
+    app.conf.broker_transport_options = options
+    if pool == "gevent":
+        app.conf.worker_prefetch_multiplier = 2
+
+
 def free_prefetch_slots_when_acks_fail() -> None:
     """Keep a worker consuming after Redis went away while all its children were busy.
 

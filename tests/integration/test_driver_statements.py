@@ -161,3 +161,15 @@ def test_closing_them_closes_the_idle_ones_and_a_later_statement_opens_a_new_one
     first = run(engine, BACKEND, {})
     driver_connections(engine).close()
     assert run(engine, BACKEND, {}) != first
+
+
+def test_with_a_limit_statements_past_it_wait_for_a_connection_instead_of_opening_one(engine: Engine) -> None:
+    connections = driver_connections(engine)
+    connections.limit(2)
+    slow = DriverStatement.compile(select(func.pg_backend_pid().label("pid"), func.pg_sleep(0.2).label("slept")),
+                                   engine.dialect)
+    with ThreadPoolExecutor(max_workers=6) as pool:   # 6 at once, as 6 greenlets would
+        rows = list(pool.map(lambda _: execute_one(engine, slow, {}), range(6)))
+
+    assert len({row[0] for row in rows}) == 2         # never more than 2 backends
+    assert len(connections._idle) == 2

@@ -1,0 +1,53 @@
+"""How `dispatcher worker` is set up for its pool: which command lines patch for gevent, and the
+Celery settings each pool gets (the gevent consumer's stall itself: tests/acceptance/test_gevent_worker.py)."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from dispatcher.cli import main
+from dispatcher.config import Settings, parse_config
+from dispatcher.green import pool_asked
+from dispatcher.worker.app import configure_pool, make_celery
+
+
+@pytest.mark.parametrize(("argv", "pool"), [
+    (["dispatcher", "worker", "--pool", "gevent"], "gevent"),
+    (["dispatcher", "worker", "-c", "8", "--pool=gevent"], "gevent"),
+    (["-m", "worker", "--pool", "threads"], "threads"),
+    (["dispatcher", "worker"], None),
+    (["dispatcher", "api", "--pool", "gevent"], None),       # only a worker's command line counts
+    (["dispatcher", "--pool", "gevent", "worker"], None),     # the option is the worker command's
+    (["dispatcher", "worker", "--pool"], None),
+])
+def test_only_a_worker_command_line_asking_for_gevent_is_read_as_one(argv: list[str], pool: str | None) -> None:
+    assert pool_asked(argv) == pool
+
+
+def celery_app() -> object:
+    config = parse_config({"targets": {}}, Settings(broker_url="redis://127.0.0.1:6379/15"), env={})
+    return make_celery(config)
+
+
+def test_a_gevent_worker_prefetches_two_messages_per_greenlet_and_threads_one() -> None:
+    green, threads = celery_app(), celery_app()
+    configure_pool(green, "gevent", 256)     # type: ignore[arg-type]
+    configure_pool(threads, "threads", 64)   # type: ignore[arg-type]
+    assert green.conf.worker_prefetch_multiplier == 2     # type: ignore[attr-defined]
+    assert threads.conf.worker_prefetch_multiplier == 1   # type: ignore[attr-defined]
+
+
+def test_the_broker_channel_may_open_a_connection_per_task_beside_its_own_and_keeps_its_other_options() -> None:
+    app = celery_app()
+    configure_pool(app, "gevent", 256)   # type: ignore[arg-type]
+    options = app.conf.broker_transport_options   # type: ignore[attr-defined]
+    assert options["max_connections"] >= 256 + 1
+    assert options["visibility_timeout"] == 3600
+
+
+def test_a_gevent_worker_started_without_its_command_line_is_refused_before_anything_starts() -> None:
+    # in-process (CliRunner): sys.argv is pytest's, so nothing was patched at import
+    result = CliRunner().invoke(main, ["worker", "--pool", "gevent"], env={"DISPATCHER_BROKER_URL": "redis://x"})
+    assert result.exit_code == 2
+    assert "--pool gevent" in result.output
