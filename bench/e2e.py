@@ -9,7 +9,7 @@ Run (needs PostgreSQL and Redis, the same as the test suite)::
 Options:
     --intents N        intents per variant and run, half HostUp, half NocWorx (default 10000)
     --latency L,...    the simulator's response latency in ms, each a separate row (default 0,200)
-    --pool P           the dispatcher's workers' pool: threads or gevent (default threads, as
+    --pool P           the dispatcher's workers' pool: gevent or threads (default gevent, as
                        ``dispatcher worker``'s)
     --concurrency C    tasks at once per worker process (default: ``dispatcher worker``'s for the
                        pool, 64 threads or 256 greenlets)
@@ -83,6 +83,7 @@ import redis
 
 from bench.ratelimit import Proc, Simulator, base_env, leased_redis_db, scratch_database, start
 from dispatcher.cli import WORKER_CONCURRENCY
+from dispatcher.green import DEFAULT_POOL
 
 ROOT = Path(__file__).resolve().parent.parent
 #: the baseline's pool, whatever the dispatcher's: Celery's threads, as many as the dispatcher's with
@@ -212,7 +213,7 @@ def stop_profiler(profiler: tuple[Any, Path] | None) -> None:
     print(profile_summary(out))
     print("   by owner:")
     print(profile_owners(out))
-    print(f"   {profile_outside_tasks(out):5.1f}%  of all samples outside the task threads (Celery's consumer "
+    print(f"   {profile_outside_tasks(out):5.1f}%  of all samples outside the tasks (Celery's consumer "
           "loop: reading, storing and acking every message)", flush=True)
 
 
@@ -270,11 +271,16 @@ def profile_owners(path: Path) -> str:
     return "\n".join(f"   {100 * n / max(1, total):5.1f}%  {name}" for name, n in rows)
 
 
+#: a frame of these runs a task: a thread of the threads pool, a greenlet of the gevent pool
+TASK_FRAMES = ("concurrent/futures/thread.py", "celery/concurrency/gevent.py")
+
+
 def profile_outside_tasks(path: Path) -> float:
-    """Percent of samples not in a thread of the task pool (those run in ``concurrent.futures``)."""
+    """Percent of samples not in a task (a thread of the threads pool, run in ``concurrent.futures``,
+    or a greenlet of the gevent pool): Celery's consumer, and with gevent its event loop."""
     stacks = _stacks(path)
     total = sum(count for _, count in stacks)
-    outside = sum(count for frames, count in stacks if not any("concurrent/futures/thread.py" in f for f in frames))
+    outside = sum(count for frames, count in stacks if not any(mark in f for f in frames for mark in TASK_FRAMES))
     return 100 * outside / max(1, total)
 
 
@@ -589,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--intents", type=int, default=10_000)
     parser.add_argument("--latency", default="0,200")
-    parser.add_argument("--pool", choices=sorted(WORKER_CONCURRENCY.keys() & {"threads", "gevent"}), default="threads")
+    parser.add_argument("--pool", choices=["gevent", "threads"], default=DEFAULT_POOL)
     parser.add_argument("--concurrency", type=int, default=None)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--paced", type=int, default=400)

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from dispatcher.config import AppConfig, Settings, load_config
 from dispatcher.errors import ConfigError, IntentInvalid, UnknownIntent
-from dispatcher.green import patch_for_green_worker
+from dispatcher.green import DEFAULT_POOL, patch_for_green_worker
 from dispatcher.heap import settle_heap
 
 EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG, EXIT_UNAVAILABLE = 1, 2, 3, 4
@@ -147,7 +147,7 @@ def api(host: str | None, port: int | None) -> None:
 @click.option("--concurrency", "-c", type=click.IntRange(min=1), default=None,
               help="Tasks at once: greenlets (gevent, default 256), threads (default 64) or child "
                    "processes (prefork, default: one per core).")
-@click.option("--pool", type=click.Choice(["gevent", "threads", "prefork", "solo"]), default="threads",
+@click.option("--pool", type=click.Choice(["gevent", "threads", "prefork", "solo"]), default=DEFAULT_POOL,
               show_default=True,
               help="gevent or threads: one process whose waits on HTTP overlap (see README, The worker's hot path).")
 @click.option("--queues", "-Q", default=None, help="Comma-separated target names (default: all targets).")
@@ -159,7 +159,7 @@ def worker(concurrency: int | None, pool: str, queues: str | None) -> None:
     if pool == "gevent" and not patch_for_green_worker(sys.argv):
         # only `dispatcher worker --pool gevent` on the command line patches early enough (dispatcher.green)
         err_console.print("[red]--pool gevent[/] needs the standard library patched at start-up: run it as "
-                          "`dispatcher worker --pool gevent` (or `python -m dispatcher worker --pool gevent`)")
+                          "`dispatcher worker` (or `python -m dispatcher worker`) from a shell or a supervisor")
         sys.exit(EXIT_USAGE)
     concurrency = concurrency or WORKER_CONCURRENCY[pool]
     config = _config()

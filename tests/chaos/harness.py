@@ -207,15 +207,17 @@ class Scenario:
 
     # -- processes ---------------------------------------------------------------------------------
 
-    def start_worker(self, name: str, concurrency: int = 3, *, wait: bool = True) -> Proc:
-        """``dispatcher worker --pool prefork``; its prefork children lease as ``<name>/<pid>``."""
+    def start_worker(self, name: str, concurrency: int = 3, *, wait: bool = True, pool: str = "prefork") -> Proc:
+        """``dispatcher worker --pool prefork`` (its children lease as ``<name>/<pid>``), or ``--pool
+        gevent`` (one process, leasing as ``<name>``)."""
         self.procs.env["DISPATCHER_WORKER_NAME"] = name
         try:
-            proc = self.procs.start(name, "worker", "--pool", "prefork", "--concurrency", str(concurrency))
+            proc = self.procs.start(name, "worker", "--pool", pool, "--concurrency", str(concurrency))
         finally:
             self.procs.env.pop("DISPATCHER_WORKER_NAME", None)
         if wait:
-            self.wait_for(lambda: self._heartbeat("worker", name) and len(children(proc)) >= concurrency,
+            children_wanted = concurrency if pool == "prefork" else 0
+            self.wait_for(lambda: self._heartbeat("worker", name) and len(children(proc)) >= children_wanted,
                           STARTUP_TIMEOUT_S, f"worker {name} ready", proc)
         return proc
 

@@ -83,3 +83,14 @@ def test_a_profile_tells_the_consumer_loop_from_the_task_threads(tmp_path: Path)
     raw.write_text("_worker (concurrent/futures/thread.py:83);run (celery/app/trace.py:1) 3\n"
                    "asynloop (celery/worker/loops.py:1);on_readable (kombu/transport/redis.py:6) 1\n")
     assert profile_outside_tasks(raw) == 25.0
+    green = tmp_path / "green.txt"     # a gevent worker: one thread, the tasks are greenlets
+    green.write_text("apply_target (celery/concurrency/gevent.py:24);run (celery/app/trace.py:1) 1\n"
+                     "synloop (celery/worker/loops.py:213);drain_events (kombu/connection.py:399) 1\n"
+                     "run (gevent/hub.py:647) 2\n")
+    assert profile_outside_tasks(green) == 75.0
+
+
+def test_the_green_benchmark_times_httpcores_check_both_ways() -> None:
+    out = run_bench("bench.green", "--calls", "2000", "--rounds", "1").stdout
+    figures = [float(line.split("us per check")[0].split()[-1]) for line in out.splitlines() if "us per check" in line]
+    assert len(figures) == 2 and all(value > 0 for value in figures)

@@ -3,6 +3,10 @@ Celery settings each pool gets (the gevent consumer's stall itself: tests/accept
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 from click.testing import CliRunner
 
@@ -16,7 +20,8 @@ from dispatcher.worker.app import configure_pool, make_celery
     (["dispatcher", "worker", "--pool", "gevent"], "gevent"),
     (["dispatcher", "worker", "-c", "8", "--pool=gevent"], "gevent"),
     (["-m", "worker", "--pool", "threads"], "threads"),
-    (["dispatcher", "worker"], None),
+    (["dispatcher", "worker"], "gevent"),                    # the default
+    (["dispatcher", "worker", "-c", "8"], "gevent"),
     (["dispatcher", "api", "--pool", "gevent"], None),       # only a worker's command line counts
     (["dispatcher", "--pool", "gevent", "worker"], None),     # the option is the worker command's
     (["dispatcher", "worker", "--pool"], None),
@@ -51,3 +56,26 @@ def test_a_gevent_worker_started_without_its_command_line_is_refused_before_anyt
     result = CliRunner().invoke(main, ["worker", "--pool", "gevent"], env={"DISPATCHER_BROKER_URL": "redis://x"})
     assert result.exit_code == 2
     assert "--pool gevent" in result.output
+
+
+def test_a_gevent_worker_command_line_patches_before_dispatchers_imports_and_keeps_the_real_zero_wait_poll() -> None:
+    # in a process of its own: patching this one would turn the rest of the suite green
+    probe = textwrap.dedent("""
+        import sys, socket
+        sys.argv = ["dispatcher", "worker", "--pool", "gevent"]
+        import dispatcher, httpcore._utils as u
+        from gevent import monkey
+        a, b = socket.socketpair()
+        before = u.is_socket_readable(a)
+        b.send(b"x")
+        print(monkey.is_module_patched("socket"), monkey.is_module_patched("threading"),
+              type(u.select.poll).__name__, before, u.is_socket_readable(a))
+    """)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["True", "True", "builtin_function_or_method", "False", "True"]
+
+
+def test_any_other_command_line_patches_nothing() -> None:
+    probe = "import sys; sys.argv = ['dispatcher', 'api']; import dispatcher; print('gevent' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
