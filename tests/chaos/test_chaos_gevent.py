@@ -74,10 +74,12 @@ def test_g3_redis_restarted_under_a_gevent_worker_loses_nothing(chaos_env: Chaos
 def test_g4_postgres_down_under_a_gevent_worker_converges_after(chaos_env: ChaosEnv) -> None:
     """Postgres stopped for ``CHAOS_PG_OUTAGE_S`` (15 s): greenlets waiting on it in gevent's way fail
     their statements, nothing unrecorded is acknowledged, and everything converges once it is back."""
-    with Scenario(chaos_env, f"G4 stop Postgres {PG_OUTAGE_S:g} s under gevent worker") as s:
+    # answers slow enough (and a worker small enough) for a backlog and greenlets mid-exchange at the fault
+    with Scenario(chaos_env, f"G4 stop Postgres {PG_OUTAGE_S:g} s under gevent worker",
+                  sim={"latency_ms": [100, 300]}) as s:
         s.start_scheduler()
-        s.start_worker("g1", GREENLETS, pool="gevent")
-        s.submit(waves=10, gap_s=1.0)
+        s.start_worker("g1", 8, pool="gevent")
+        s.submit(waves=2, gap_s=1.0)
         s.wait_fraction(0.2)
         s.fault(f"Postgres stopped for {PG_OUTAGE_S:g} s", s.not_terminal())
         chaos_env.pg.stop()
