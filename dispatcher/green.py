@@ -1,16 +1,18 @@
 """The gevent worker pool: patch the standard library before anything uses it.
 
-``dispatcher worker`` (``--pool gevent``, the default) runs every task in a greenlet of one thread, so a task waiting
-on the provider, PostgreSQL or Redis costs a few kilobytes and no thread switch (README, "The
-worker's hot path"). That only works if every socket, lock and ``select`` the process uses is
-gevent's, which means patching them before the first import that keeps a reference to the
-originals: this runs first thing in ``dispatcher/__init__.py``, as Celery's own command line does
-(``celery.maybe_patch_concurrency``), and only for that command line. psycopg sees the patching and
-waits in gevent's way.
+``dispatcher worker`` (``--pool gevent``, the default) runs every task in a greenlet of one
+thread, so a task waiting on the provider, PostgreSQL or Redis costs a few kilobytes and no thread
+switch (README, "The worker's hot path"). That only works if every socket, lock and ``select`` the
+process uses is gevent's, which means patching them before the first import that keeps a reference
+to the originals: this runs first thing in ``dispatcher/__init__.py`` (``python -m dispatcher``
+and the ``dispatcher`` script both import the package first), as Celery's own command line does
+(``celery.maybe_patch_concurrency``), and only for that command line. psycopg sees the patching
+and waits in gevent's way.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -22,7 +24,12 @@ DEFAULT_POOL = GEVENT
 
 def pool_asked(argv: Sequence[str]) -> str | None:
     """The pool a ``dispatcher worker`` command line runs (``--pool X``, ``--pool=X``, else the
-    default); None for any other command."""
+    default); None for any other command, and for any other program that imports dispatcher
+    (``pytest -k worker`` is not a worker)."""
+    program = argv[0] if argv else ""
+    if not (os.path.basename(program) in ("dispatcher", "dispatcher.exe") or program == "-m"
+            or program.endswith(os.path.join("dispatcher", "__main__.py"))):
+        return None
     args = list(argv[1:])
     command = next((arg for arg in args if not arg.startswith("-")), None)
     if command != "worker":

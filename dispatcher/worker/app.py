@@ -95,8 +95,9 @@ def configure_pool(app: Celery, pool: str, concurrency: int) -> None:
     gevent: Celery's consumer has no event loop with a green pool (``synloop``); it reads one
     message per ``drain_events`` and, while every prefetch slot is taken, does not ask Redis for
     more, and nothing wakes it when an ack frees a slot: it sleeps out its 2 s poll. With a prefetch
-    of one per greenlet the slots fill as soon as every greenlet is busy, and the worker took in
-    about 16 messages a second (bench/e2e.py, 200 ms). With two per greenlet the slots never fill
+    of one per greenlet the slots fill as soon as every greenlet is busy, and the worker takes in
+    its next messages only when that poll ends (tests/acceptance/test_gevent_worker.py fails on
+    it: 40 intents over 4 greenlets in over 12 s instead of about 3). With two per greenlet the slots never fill
     first: the consumer blocks handing the next message to the pool (gevent's ``Pool.spawn`` waits
     for a free greenlet) and goes on the moment one finishes, so the worker still holds at most one
     message more than it runs.

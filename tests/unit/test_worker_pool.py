@@ -25,6 +25,9 @@ from dispatcher.worker.app import configure_pool, make_celery
     (["dispatcher", "api", "--pool", "gevent"], None),       # only a worker's command line counts
     (["dispatcher", "--pool", "gevent", "worker"], None),     # the option is the worker command's
     (["dispatcher", "worker", "--pool"], None),
+    (["/venv/bin/dispatcher", "worker"], "gevent"),           # the installed script
+    (["/src/dispatcher/__main__.py", "worker"], "gevent"),    # python -m dispatcher, once started
+    (["/venv/lib/pytest/__main__.py", "-k", "worker"], None),  # another program importing dispatcher
 ])
 def test_only_a_worker_command_line_asking_for_gevent_is_read_as_one(argv: list[str], pool: str | None) -> None:
     assert pool_asked(argv) == pool
