@@ -15,12 +15,15 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from dispatcher.domain import TERMINAL_STATUSES
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 TAIL_LINES = 40
@@ -176,6 +179,21 @@ def wait_until(check: Callable[[], Any], *, timeout: float, what: str, interval:
             logs = f"\n\n{procs.tails()}" if procs is not None else ""
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{detail}{logs}")
         time.sleep(interval)
+
+
+def wait_for_intents(producer: Any, ids: list[uuid.UUID], *, procs: Procs, timeout: float) -> list[Any]:
+    """Until every intent is terminal; their views. One query a look, every 0.2 s: a simulator
+    judging arrival times in a thread of this process must not be held off by the looking (50
+    reads every 0.2 s bunched its arrival stamps)."""
+    def done() -> list[Any] | None:
+        outcomes = producer.store.outcomes(ids)
+        if len(outcomes) < len(ids) or not all(status in TERMINAL_STATUSES for status, _ in outcomes.values()):
+            return None
+        return [producer.service.get(i) for i in ids]
+
+    views: list[Any] = wait_until(done, timeout=timeout, what=f"{len(ids)} intents to finish", procs=procs,
+                                  interval=0.2)
+    return views
 
 
 class SimulatorProcess:

@@ -15,16 +15,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 import pytest
 import redis
 
 from dispatcher.config import Settings, parse_config
-from dispatcher.domain import TERMINAL_STATUSES, Status
+from dispatcher.domain import Status
 from dispatcher.runtime import Runtime, build_runtime
 from dispatcher.simulator import RunningSimulator, SimulatorSettings, start_in_thread
-from tests.acceptance.procs import Procs, subprocess_env, to_toml, wait_until
-from tests.conftest import HOSTUP_KEY, NOCWORX_KEY, PG_ADMIN, REDIS_BASE, _pg_url, secrets_env, target_table
+from tests.acceptance.procs import Procs, subprocess_env, to_toml, wait_for_intents
+from tests.conftest import HOSTUP_KEY, NOCWORX_KEY, REDIS_BASE, database_from, secrets_env, target_table
 
 GREENLETS = 4
 LATENCY_S = 0.3
@@ -43,49 +42,37 @@ class Green:
                 for _ in range(count)]
 
     def wait(self, ids: list[uuid.UUID], timeout: float) -> list[Any]:
-        def done() -> list[Any] | None:
-            outcomes = self.producer.store.outcomes(ids)
-            if len(outcomes) < len(ids) or not all(status in TERMINAL_STATUSES for status, _ in outcomes.values()):
-                return None
-            return [self.producer.service.get(i) for i in ids]
-
-        views: list[Any] = wait_until(done, timeout=timeout, what=f"{len(ids)} intents to finish",
-                                      procs=self.procs, interval=0.2)
-        return views
+        return wait_for_intents(self.producer, ids, procs=self.procs, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def green(tmp_path_factory: pytest.TempPathFactory, pg_template: str, redis_db: int) -> Iterator[Green]:
     workdir = tmp_path_factory.mktemp("gevent")
-    dbname = f"dispatcher_green_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{dbname}" TEMPLATE "{pg_template}"')
-    database_url, redis_url = _pg_url(dbname), f"{REDIS_BASE}/{redis_db}"
-    redis.Redis.from_url(redis_url).flushdb()
-    latency = int(LATENCY_S * 1000)
-    sim = start_in_thread(SimulatorSettings(hostup_key=HOSTUP_KEY, nocworx_key=NOCWORX_KEY, task_delay_s=0.2,
-                                            latency_ms=(latency, latency)))
-    data = {"targets": target_table(sim), "scheduler": {"interval_s": 0.2, "requeue_after_s": 30}}
-    config_file = workdir / "dispatcher.toml"
-    config_file.write_text(to_toml(data))
-    procs = Procs(workdir, subprocess_env({"DISPATCHER_DATABASE_URL": database_url,
-                                           "DISPATCHER_BROKER_URL": redis_url, "DISPATCHER_CONFIG": str(config_file),
-                                           "DISPATCHER_LOG_FORMAT": "json", **secrets_env()}))
-    producer = build_runtime(parse_config(data, Settings(database_url=database_url, broker_url=redis_url),
-                                          env=secrets_env()))
-    try:
-        procs.start("worker", "worker", "--pool", "gevent", "--concurrency", str(GREENLETS))
-        procs.start("scheduler", "scheduler")
-        env = Green(sim, procs, producer)
-        [warm] = env.wait(env.submit(1, "hostup"), timeout=STARTUP_TIMEOUT_S)
-        assert warm.status is Status.succeeded, procs.tails()
-        yield env
-    finally:
-        producer.close()
-        procs.stop_all()
-        sim.stop()
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+    with database_from(pg_template, "dispatcher_green") as database_url:
+        redis_url = f"{REDIS_BASE}/{redis_db}"
+        redis.Redis.from_url(redis_url).flushdb()
+        latency = int(LATENCY_S * 1000)
+        sim = start_in_thread(SimulatorSettings(hostup_key=HOSTUP_KEY, nocworx_key=NOCWORX_KEY, task_delay_s=0.2,
+                                                latency_ms=(latency, latency)))
+        data = {"targets": target_table(sim), "scheduler": {"interval_s": 0.2, "requeue_after_s": 30}}
+        config_file = workdir / "dispatcher.toml"
+        config_file.write_text(to_toml(data))
+        procs = Procs(workdir, subprocess_env({
+            "DISPATCHER_DATABASE_URL": database_url, "DISPATCHER_BROKER_URL": redis_url,
+            "DISPATCHER_CONFIG": str(config_file), "DISPATCHER_LOG_FORMAT": "json", **secrets_env()}))
+        producer = build_runtime(parse_config(data, Settings(database_url=database_url, broker_url=redis_url),
+                                              env=secrets_env()))
+        try:
+            procs.start("worker", "worker", "--pool", "gevent", "--concurrency", str(GREENLETS))
+            procs.start("scheduler", "scheduler")
+            env = Green(sim, procs, producer)
+            [warm] = env.wait(env.submit(1, "hostup"), timeout=STARTUP_TIMEOUT_S)
+            assert warm.status is Status.succeeded, procs.tails()
+            yield env
+        finally:
+            producer.close()
+            procs.stop_all()
+            sim.stop()
 
 
 def test_a_gevent_worker_files_tickets_for_both_providers_once_each(green: Green) -> None:

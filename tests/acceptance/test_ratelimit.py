@@ -15,18 +15,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 import pytest
 import redis
 
 from dispatcher.config import AppConfig, Settings, parse_config
-from dispatcher.domain import TERMINAL_STATUSES, Status
+from dispatcher.domain import Status
 from dispatcher.heap import settle_heap
 from dispatcher.runtime import Runtime, build_runtime
 from dispatcher.simulator import RunningSimulator, SimulatorSettings, start_in_thread
 from dispatcher.simulator.audit import arrivals, busiest_window, sent_early, throttled
-from tests.acceptance.procs import Procs, subprocess_env, to_toml, wait_until
-from tests.conftest import HOSTUP_KEY, NOCWORX_KEY, PG_ADMIN, REDIS_BASE, _pg_url, secrets_env, target_table
+from tests.acceptance.procs import Procs, subprocess_env, to_toml, wait_for_intents, wait_until
+from tests.conftest import HOSTUP_KEY, NOCWORX_KEY, REDIS_BASE, database_from, secrets_env, target_table
 
 WORKERS, THREADS = 3, 4
 RATE_PER_S, BURST = 10, 1
@@ -48,54 +47,40 @@ class Fleet:
                 for _ in range(count)]
 
     def wait(self, ids: list[uuid.UUID], timeout: float = 30.0) -> list[Any]:
-        def done() -> list[Any] | None:
-            # one query a look: the simulator (the judge, stamping arrivals) runs in a thread of this
-            # process, and 50 reads every 0.2 s held it off long enough to bunch its arrival times
-            outcomes = self.producer.store.outcomes(ids)
-            if len(outcomes) < len(ids) or not all(status in TERMINAL_STATUSES for status, _ in outcomes.values()):
-                return None
-            return [self.producer.service.get(i) for i in ids]
-
-        views: list[Any] = wait_until(done, timeout=timeout, what=f"{len(ids)} intents to finish",
-                                      procs=self.procs, interval=0.2)
-        return views
+        return wait_for_intents(self.producer, ids, procs=self.procs, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, pg_template: str, redis_db: int) -> Iterator[Fleet]:
     settle_heap()   # the judge stamps arrivals in a thread of this process: see tests/conftest.py steady_judge
     workdir = tmp_path_factory.mktemp("ratelimit")
-    dbname = f"dispatcher_rl_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{dbname}" TEMPLATE "{pg_template}"')
-    database_url, redis_url = _pg_url(dbname), f"{REDIS_BASE}/{redis_db}"
-    redis.Redis.from_url(redis_url).flushdb()
-    sim = start_in_thread(SimulatorSettings(hostup_key=HOSTUP_KEY, nocworx_key=NOCWORX_KEY, task_delay_s=0.2))
-    budget = {"rate": f"{RATE_PER_S}/second", "burst": BURST}
-    data = {"targets": target_table(sim, hostup=budget, nocworx=budget),
-            "scheduler": {"interval_s": 0.2, "requeue_after_s": 5}}
-    config_file = workdir / "dispatcher.toml"
-    config_file.write_text(to_toml(data))
-    procs = Procs(workdir, subprocess_env({"DISPATCHER_DATABASE_URL": database_url,
-                                           "DISPATCHER_BROKER_URL": redis_url, "DISPATCHER_CONFIG": str(config_file),
-                                           "DISPATCHER_LOG_FORMAT": "json", **secrets_env()}))
-    config: AppConfig = parse_config(data, Settings(database_url=database_url, broker_url=redis_url),
-                                     env=secrets_env())
-    producer = build_runtime(config)
-    try:
-        for n in range(WORKERS):
-            procs.start(f"worker{n}", "worker", "--pool", "threads", "--concurrency", str(THREADS))
-        procs.start("scheduler", "scheduler")
-        fleet = Fleet(sim, procs, producer, redis_url)
-        [warm] = fleet.wait(fleet.submit(1), timeout=STARTUP_TIMEOUT_S)
-        assert warm.status is Status.succeeded, procs.tails()
-        yield fleet
-    finally:
-        producer.close()
-        procs.stop_all()
-        sim.stop()
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+    with database_from(pg_template, "dispatcher_rl") as database_url:
+        redis_url = f"{REDIS_BASE}/{redis_db}"
+        redis.Redis.from_url(redis_url).flushdb()
+        sim = start_in_thread(SimulatorSettings(hostup_key=HOSTUP_KEY, nocworx_key=NOCWORX_KEY, task_delay_s=0.2))
+        budget = {"rate": f"{RATE_PER_S}/second", "burst": BURST}
+        data = {"targets": target_table(sim, hostup=budget, nocworx=budget),
+                "scheduler": {"interval_s": 0.2, "requeue_after_s": 5}}
+        config_file = workdir / "dispatcher.toml"
+        config_file.write_text(to_toml(data))
+        procs = Procs(workdir, subprocess_env({
+            "DISPATCHER_DATABASE_URL": database_url, "DISPATCHER_BROKER_URL": redis_url,
+            "DISPATCHER_CONFIG": str(config_file), "DISPATCHER_LOG_FORMAT": "json", **secrets_env()}))
+        config: AppConfig = parse_config(data, Settings(database_url=database_url, broker_url=redis_url),
+                                         env=secrets_env())
+        producer = build_runtime(config)
+        try:
+            for n in range(WORKERS):
+                procs.start(f"worker{n}", "worker", "--pool", "threads", "--concurrency", str(THREADS))
+            procs.start("scheduler", "scheduler")
+            fleet = Fleet(sim, procs, producer, redis_url)
+            [warm] = fleet.wait(fleet.submit(1), timeout=STARTUP_TIMEOUT_S)
+            assert warm.status is Status.succeeded, procs.tails()
+            yield fleet
+        finally:
+            producer.close()
+            procs.stop_all()
+            sim.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -115,13 +115,15 @@ def test_s3_a_stopped_worker_finishes_or_hands_back_its_work_without_waiting_for
         report(*s.verdict())
 
 
-def test_s4_redis_restarted_mid_run_loses_nothing(chaos_env: ChaosEnv) -> None:
+@pytest.mark.parametrize("pool", ["prefork", "gevent"])
+def test_s4_redis_restarted_mid_run_loses_nothing(chaos_env: ChaosEnv, pool: str) -> None:
     """Redis goes away (SIGKILL) for 3 s and comes back empty: queued messages, unacked messages and
-    the rate-limit state are gone. Intake keeps answering (the outbox), workers reconnect, and the
-    scheduler re-publishes what the restart lost."""
-    with Scenario(chaos_env, "S4 restart Redis mid-run") as s:
+    the rate-limit state are gone. Intake keeps answering (the outbox), workers reconnect (gevent's
+    consumer, which has no event loop, as well as prefork's), and the scheduler re-publishes what
+    the restart lost."""
+    with Scenario(chaos_env, "S4 restart Redis mid-run" + (" (gevent worker)" if pool == "gevent" else "")) as s:
         s.start_scheduler()
-        s.start_worker("w1")
+        s.start_worker("w1", 16 if pool == "gevent" else 3, pool=pool)
         s.submit()
         s.wait_fraction(0.3)
         s.fault("Redis killed (restarted empty 3 s later)", s.not_terminal())
