@@ -56,15 +56,39 @@ def patch_for_green_worker(argv: Sequence[str]) -> bool:
 
 
 def _unpatched_readiness_checks(poll: Any) -> None:
-    """httpcore's check that a kept-alive connection was not closed by the server: the original
-    ``select.poll``, not gevent's.
+    """Checks that never wait (a zero-timeout poll of one socket) on the original ``select.poll``,
+    not gevent's.
 
-    Before every request and after every response httpcore looks at each connection of the pool
-    with a zero-timeout poll (``httpcore._utils.is_socket_readable``). A zero timeout never waits,
-    so it needs nothing cooperative, and gevent's ``poll`` (watchers started and stopped on its
-    loop for each call) was 4 % of a gevent worker's CPU at 200 ms (bench/e2e.py --profile)."""
+    gevent's ``poll`` starts and stops watchers on its loop for every call, cooperative work that a
+    call which cannot wait does not need (``bench/green.py``: about 13 µs against 1 µs a check).
+    Two libraries make such a check on every use of a kept-alive connection:
+
+    - httpcore, before every request and after every response, looks at each connection of the
+      pool (``httpcore._utils.is_socket_readable``): 4 % of a gevent worker's CPU at 200 ms
+      (bench/e2e.py --profile);
+    - redis-py, taking a connection from its pool, checks that nothing unread waits on it (the
+      hiredis parser's ``_socket_can_read(sock, 0)``): 3 % in the same profile. A check with a
+      timeout (a pub/sub wait) still goes through gevent's, which lets the other greenlets run.
+    """
     import select
 
     from httpcore import _utils
 
     _utils.select = SimpleNamespace(poll=poll, POLLIN=select.POLLIN, select=select.select)  # type: ignore[attr-defined,assignment]
+
+    from redis._parsers import hiredis
+
+    waiting = getattr(hiredis, "_socket_can_read", None)
+    if waiting is None:  # another redis-py: its checks stay gevent's
+        return
+
+    def socket_can_read(sock: Any, timeout: float | None) -> bool:
+        if timeout != 0:
+            return bool(waiting(sock, timeout))
+        if hasattr(sock, "pending") and sock.pending():  # TLS: bytes decrypted above the socket
+            return True
+        poller = poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+
+    hiredis._socket_can_read = socket_can_read

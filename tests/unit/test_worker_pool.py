@@ -78,6 +78,23 @@ def test_a_gevent_worker_command_line_patches_before_dispatchers_imports_and_kee
     assert out.stdout.split() == ["True", "True", "builtin_function_or_method", "False", "True"]
 
 
+def test_in_a_gevent_worker_redis_checks_a_connection_without_gevent_but_still_waits_cooperatively() -> None:
+    probe = textwrap.dedent("""
+        import sys, socket, time
+        sys.argv = ["dispatcher", "worker"]
+        import dispatcher, gevent
+        from redis._parsers import hiredis
+        a, b = socket.socketpair()
+        idle = hiredis._socket_can_read(a, 0)
+        gevent.spawn_later(0.1, b.send, b"x")       # only runs if the waiting check lets it
+        started = time.monotonic()
+        waited = hiredis._socket_can_read(a, 2.0)
+        print(idle, waited, time.monotonic() - started < 1.0, hiredis._socket_can_read(a, 0))
+    """)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["False", "True", "True", "True"]
+
+
 def test_any_other_command_line_patches_nothing() -> None:
     probe = "import sys; sys.argv = ['dispatcher', 'api']; import dispatcher; print('gevent' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
