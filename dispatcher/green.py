@@ -60,7 +60,7 @@ def _unpatched_readiness_checks(poll: Any) -> None:
     not gevent's.
 
     gevent's ``poll`` starts and stops watchers on its loop for every call, cooperative work that a
-    call which cannot wait does not need (``bench/green.py``: about 13 µs against 1 µs a check).
+    call which cannot wait does not need (``bench/green.py``: about 13 µs against 1-2 µs a check).
     Two libraries make such a check on every use of a kept-alive connection:
 
     - httpcore, before every request and after every response, looks at each connection of the
