@@ -86,20 +86,20 @@ from dispatcher.cli import WORKER_CONCURRENCY
 from dispatcher.green import DEFAULT_POOL
 
 ROOT = Path(__file__).resolve().parent.parent
+HOSTUP_KEY = "bench-hostup-key-0123456789abcdef"
+NOCWORX_KEY = "bench-nocworx-key-0123456789abcdef"
+VARIANTS = ("dispatcher", "baseline")
 #: the baseline's pool, whatever the dispatcher's: Celery's threads, as many as the dispatcher's with
 #: ``--pool threads``, else 64 per process split over the workers (with gevent and 256 greenlets the
 #: baseline did worse than with threads at 200 ms: its one httpx pool of 256 connections is looked
 #: over on every request)
 BASELINE_THREADS = 64
+DISPATCHER_TABLES = ("intents", "attempts", "events", "tickets")
+TICK = os.sysconf("SC_CLK_TCK")
 
 
 def baseline_threads(args: argparse.Namespace) -> int:
     return int(args.concurrency) if args.pool == "threads" else max(1, BASELINE_THREADS // args.workers)
-HOSTUP_KEY = "bench-hostup-key-0123456789abcdef"
-NOCWORX_KEY = "bench-nocworx-key-0123456789abcdef"
-VARIANTS = ("dispatcher", "baseline")
-DISPATCHER_TABLES = ("intents", "attempts", "events", "tickets")
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 # -- process accounting ----------------------------------------------------------------------------

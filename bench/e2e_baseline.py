@@ -10,7 +10,7 @@ that costs.
 Configured from the environment (set by the benchmark): ``BENCH_BROKER_URL``,
 ``BENCH_DATABASE_URL``, ``BENCH_SIM_URL`` (the simulator's root), ``BENCH_HOSTUP_KEY``,
 ``BENCH_NOCWORX_KEY``, ``BENCH_CONNECTIONS`` (httpx pool size; the worker's concurrency).
-Run: ``celery -A bench.e2e_baseline worker --pool threads -c 64 -Q bench`` (or ``--pool gevent -c 256``).
+Run: ``celery -A bench.e2e_baseline worker --pool threads -c 64 -Q bench``.
 """
 
 from __future__ import annotations
