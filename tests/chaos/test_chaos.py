@@ -2,7 +2,8 @@
 
 Run: ``.venv/bin/python -m pytest tests/chaos -m chaos -q -s`` (``CHAOS_INTENTS`` sets the intents per
 scenario, default 500; ``CHAOS_VERBOSE=1`` prints progress, ``CHAOS_KEEP=1`` keeps every process's
-logs). Each scenario runs real ``dispatcher worker --pool prefork`` and ``dispatcher scheduler``
+logs). Each scenario runs real ``dispatcher worker --pool prefork`` (S4 also ``--pool gevent``, the
+default; more gevent scenarios in test_chaos_gevent.py) and ``dispatcher scheduler``
 processes against the simulator, prints one row and appends it to ``bench/results/chaos.json``; see
 :mod:`tests.chaos.harness` for what the columns mean, ``max_recovery_s`` included.
 """
