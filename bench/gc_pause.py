@@ -53,7 +53,7 @@ api_key_env = "BENCH_KEY"
 os.environ["BENCH_KEY"] = "k"
 config = load_config(Settings(database_url=f"sqlite:///{workdir / 'db.sqlite'}", broker_url="redis://127.0.0.1:6379/15",
                               config=config_file))
-create_worker_app(config, threads=64)
+create_worker_app(config, concurrency=64)
 from dispatcher.store import db
 db.upgrade(config.settings.resolved_database_url())
 runtime()  # the worker's service: engine, limiter, adapters, transports

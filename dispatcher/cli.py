@@ -20,7 +20,7 @@ from rich.console import Console
 
 from dispatcher.config import AppConfig, Settings, load_config
 from dispatcher.errors import ConfigError, IntentInvalid, UnknownIntent
-from dispatcher.green import DEFAULT_POOL, patch_for_green_worker
+from dispatcher.green import DEFAULT_POOL, GEVENT, patched_for_gevent
 from dispatcher.heap import settle_heap
 
 EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG, EXIT_UNAVAILABLE = 1, 2, 3, 4
@@ -153,10 +153,10 @@ def api(host: str | None, port: int | None) -> None:
 @click.option("--queues", "-Q", default=None, help="Comma-separated target names (default: all targets).")
 def worker(concurrency: int | None, pool: str, queues: str | None) -> None:
     """Run a Celery worker (needs DISPATCHER_BROKER_URL)."""
-    from dispatcher.worker.app import configure_pool, queue_name
+    from dispatcher.worker.app import queue_name
     from dispatcher.worker.tasks import create_worker_app
 
-    if pool == "gevent" and not patch_for_green_worker(sys.argv):
+    if pool == GEVENT and not patched_for_gevent():
         # only `dispatcher worker --pool gevent` on the command line patches early enough (dispatcher.green)
         err_console.print("[red]--pool gevent[/] needs the standard library patched at start-up: run it as "
                           "`dispatcher worker` (or `python -m dispatcher worker`) from a shell or a supervisor")
@@ -171,8 +171,7 @@ def worker(concurrency: int | None, pool: str, queues: str | None) -> None:
         from dispatcher.metrics import use_multiprocess
 
         use_multiprocess(config.settings.metrics_dir)  # children count in files; this process serves the sum
-    app = create_worker_app(config, threads=concurrency if pool in ("threads", "gevent") else 1)
-    configure_pool(app, pool, concurrency)
+    app = create_worker_app(config, pool=pool, concurrency=concurrency)
     names = [q.strip() for q in queues.split(",")] if queues else sorted(config.targets)
     unknown = [n for n in names if n not in config.targets]
     if unknown:

@@ -13,6 +13,7 @@ and waits in gevent's way.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -43,16 +44,20 @@ def pool_asked(argv: Sequence[str]) -> str | None:
     return DEFAULT_POOL
 
 
-def patch_for_green_worker(argv: Sequence[str]) -> bool:
-    """Monkey-patch the standard library for gevent when ``argv`` runs a gevent worker; True if it did."""
-    if pool_asked(argv) != GEVENT:
-        return False
+def patched_for_gevent() -> bool:
+    """Was this process patched at start-up (:func:`patch_for_green_worker`)?"""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("socket"))
+
+
+def patch_for_green_worker(argv: Sequence[str]) -> None:
+    """Monkey-patch the standard library for gevent when ``argv`` runs a gevent worker (once)."""
+    if pool_asked(argv) != GEVENT or patched_for_gevent():
+        return
     from gevent import monkey
 
-    if not monkey.is_module_patched("socket"):
-        monkey.patch_all()
-        _unpatched_readiness_checks(monkey.get_original("select", "poll"))
-    return True
+    monkey.patch_all()
+    _unpatched_readiness_checks(monkey.get_original("select", "poll"))
 
 
 def _unpatched_readiness_checks(poll: Any) -> None:

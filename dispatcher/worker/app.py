@@ -24,6 +24,7 @@ from celery.utils.nodenames import anon_nodename
 from kombu import Queue  # type: ignore[attr-defined]
 
 from dispatcher.config import AppConfig
+from dispatcher.green import GEVENT
 from dispatcher.queue import EnqueueFailed
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def configure_pool(app: Celery, pool: str, concurrency: int) -> None:
     options = dict(app.conf.broker_transport_options or {})
     options["max_connections"] = max(10, concurrency + BROKER_CONNECTIONS_SPARE)
     app.conf.broker_transport_options = options
-    if pool == "gevent":
+    if pool == GEVENT:
         app.conf.worker_prefetch_multiplier = 2
 
 

@@ -24,8 +24,9 @@ from celery.signals import worker_process_init, worker_process_shutdown
 from sqlalchemy.exc import DBAPIError
 
 from dispatcher.config import AppConfig
+from dispatcher.green import GEVENT
 from dispatcher.runtime import Runtime, build_runtime
-from dispatcher.worker.app import CeleryQueue, free_prefetch_slots_when_acks_fail, make_celery
+from dispatcher.worker.app import CeleryQueue, configure_pool, free_prefetch_slots_when_acks_fail, make_celery
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +128,13 @@ def _on_shutdown(**_: Any) -> None:
         server.shutdown()
 
 
-def create_worker_app(config: AppConfig, *, threads: int = 1) -> Celery:
-    """The Celery app with the dispatcher's tasks registered. ``threads``: how many of them run at
-    once in one process (the thread pool's concurrency; 1 for prefork and solo)."""
+def create_worker_app(config: AppConfig, *, pool: str = "threads", concurrency: int = 1) -> Celery:
+    """The Celery app with the dispatcher's tasks registered, set up for its pool (``configure_pool``).
+    ``concurrency``: tasks at once; those of a threads or gevent pool share this process (and its
+    runtime's connections), a prefork child runs one."""
     app = make_celery(config)
-    _state["threads"] = threads
+    configure_pool(app, pool, concurrency)
+    _state["threads"] = concurrency if pool in ("threads", GEVENT) else 1
     free_prefetch_slots_when_acks_fail()
     _state["config"] = config
     _state["app"] = app

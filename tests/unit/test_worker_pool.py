@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+from celery import Celery
 from click.testing import CliRunner
 
 from dispatcher.cli import main
@@ -33,23 +34,23 @@ def test_only_a_worker_command_line_asking_for_gevent_is_read_as_one(argv: list[
     assert pool_asked(argv) == pool
 
 
-def celery_app() -> object:
+def celery_app() -> Celery:
     config = parse_config({"targets": {}}, Settings(broker_url="redis://127.0.0.1:6379/15"), env={})
     return make_celery(config)
 
 
 def test_a_gevent_worker_prefetches_two_messages_per_greenlet_and_threads_one() -> None:
     green, threads = celery_app(), celery_app()
-    configure_pool(green, "gevent", 256)     # type: ignore[arg-type]
-    configure_pool(threads, "threads", 64)   # type: ignore[arg-type]
-    assert green.conf.worker_prefetch_multiplier == 2     # type: ignore[attr-defined]
-    assert threads.conf.worker_prefetch_multiplier == 1   # type: ignore[attr-defined]
+    configure_pool(green, "gevent", 256)
+    configure_pool(threads, "threads", 64)
+    assert green.conf.worker_prefetch_multiplier == 2
+    assert threads.conf.worker_prefetch_multiplier == 1
 
 
 def test_the_broker_channel_may_open_a_connection_per_task_beside_its_own_and_keeps_its_other_options() -> None:
     app = celery_app()
-    configure_pool(app, "gevent", 256)   # type: ignore[arg-type]
-    options = app.conf.broker_transport_options   # type: ignore[attr-defined]
+    configure_pool(app, "gevent", 256)
+    options = app.conf.broker_transport_options
     assert options["max_connections"] >= 256 + 1
     assert options["visibility_timeout"] == 3600
 
