@@ -18,7 +18,7 @@ from dispatcher.providers.http import HttpTransport
 from dispatcher.providers.nocworx import NocWorxAdapter
 from dispatcher.queue import InProcessQueue, TaskQueue
 from dispatcher.ratelimit import limiter_for
-from dispatcher.service import Dispatcher, Limiter
+from dispatcher.service import INLINE_POLL_MAX_S, Dispatcher, Limiter
 from dispatcher.store import db
 from dispatcher.store.driver import driver_connections
 from dispatcher.store.repo import Store
@@ -71,11 +71,13 @@ class Runtime:
 
 def build_runtime(config: AppConfig, *, queue: TaskQueue | None = None, limiter: Limiter | None = None,
                   worker: str | None = None, migrate_sqlite: bool = True, threads: int = 4,
-                  rng: random.Random | None = None, concurrency: int | None = None) -> Runtime:
+                  rng: random.Random | None = None, concurrency: int | None = None, green: bool = False) -> Runtime:
     """Assemble a service. Without a broker the in-process queue is used and started here.
 
     ``concurrency``: the threads of a worker process that will call the service at once; sizes its
-    database pool and HTTP connection pools, and drops the pool's pre-ping (see ``db.make_engine``)."""
+    database pool and HTTP connection pools, and drops the pool's pre-ping (see ``db.make_engine``).
+    ``green``: they are greenlets, for which a short wait costs nothing: a NocWorx task's first look
+    is taken in the task that submitted it (``INLINE_POLL_MAX_S``)."""
     url = config.settings.resolved_database_url()
     if migrate_sqlite and url.startswith("sqlite"):
         db.upgrade(url)
@@ -109,6 +111,8 @@ def build_runtime(config: AppConfig, *, queue: TaskQueue | None = None, limiter:
     service = Dispatcher(config, store, queue, transport_for=lambda target: transport_for(target, connections),
                          adapter_for=adapter_for,
                          limiter=limiter, worker=worker or config.settings.worker_name, rng=rng)
+    if green:
+        service.inline_poll_max_s = INLINE_POLL_MAX_S
     holder["service"] = service
     runtime = Runtime(config=config, service=service, store=store, queue=queue, closers=closers)
     if in_process is not None:

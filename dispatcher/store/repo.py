@@ -450,15 +450,19 @@ class Store:
 
     def release(self, intent_id: uuid.UUID, worker: str, *, status: Status, now: datetime,
                 event: tuple[str, str, dict[str, Any] | None] | None = None,
-                ticket: dict[str, Any] | None = None, **values: Any) -> bool:
+                ticket: dict[str, Any] | None = None, keep_lease_s: float | None = None, **values: Any) -> bool:
         """Leave the intent in ``status`` with ``values``; only the lease holder may (returns False if lost).
+
+        ``keep_lease_s``: write the same, but keep the lease for that many seconds more (the worker
+        goes on with the intent: a NocWorx task's first look, :meth:`Dispatcher._start_polling`).
 
         ``ticket``: the ticket the intent made, recorded in the same transaction whether or not the
         lease is still held (the ticket exists at the provider either way; a redelivery that finds it
         recorded already changes nothing).
         """
-        values = {**self._pending_values(intent_id), **values,
-                  "status": status.value, "lease_until": None, "leased_by": None, "updated_at": now}
+        lease: dict[str, Any] = {"lease_until": None, "leased_by": None} if keep_lease_s is None \
+            else {"lease_until": now + timedelta(seconds=keep_lease_s)}
+        values = {**self._pending_values(intent_id), **values, "status": status.value, **lease, "updated_at": now}
         if status in (Status.succeeded, Status.failed, Status.cancelled):
             values.setdefault("finished_at", now)
             values.setdefault("next_attempt_at", None)

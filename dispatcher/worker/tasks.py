@@ -37,7 +37,8 @@ def runtime() -> Runtime:
     if "runtime" not in _state:
         config: AppConfig = _state["config"]
         _state["runtime"] = build_runtime(config, queue=CeleryQueue(_state["app"]), migrate_sqlite=False,
-                                          worker=lease_holder(config), concurrency=_state.get("threads", 1))
+                                          worker=lease_holder(config), concurrency=_state.get("threads", 1),
+                                          green=_state.get("pool") == GEVENT)
     rt: Runtime = _state["runtime"]
     return rt
 
@@ -135,6 +136,7 @@ def create_worker_app(config: AppConfig, *, pool: str = "threads", concurrency: 
     app = make_celery(config)
     configure_pool(app, pool, concurrency)
     _state["threads"] = concurrency if pool in ("threads", GEVENT) else 1
+    _state["pool"] = pool
     free_prefetch_slots_when_acks_fail()
     _state["config"] = config
     _state["app"] = app

@@ -1,5 +1,6 @@
 """A real `dispatcher worker --pool gevent` (and a scheduler) over Postgres and Redis, sending to the
-simulator: it files tickets for both providers (polling NocWorx's tasks), keeps taking messages
+simulator: it files tickets for both providers (taking the first look at a NocWorx task in the task
+that submitted it, then polling by message), keeps taking messages
 while every greenlet is busy, and says which pool it runs in its heartbeat.
 
 The simulator answers after 300 ms, so that with 4 greenlets the worker is full most of the time:
@@ -83,6 +84,10 @@ def test_a_gevent_worker_files_tickets_for_both_providers_once_each(green: Green
     assert all(v.ticket is not None for v in views)
     made = green.sim.stats()["tickets_by_marker"]
     assert [made.get(str(i), 0) for i in ids] == [1] * 12   # one ticket each at the provider
+    for view in views[6:]:  # the first look at a NocWorx task is the submitting greenlet's: no claim of its own
+        full = green.producer.service.get(view.id, with_attempts=True)
+        looks = [a for a in full.attempt_log if a.path.startswith("/v1/task/")]
+        assert looks and full.deliveries == len(looks), full.attempt_log
 
 
 def test_a_gevent_worker_keeps_taking_messages_while_every_greenlet_is_busy(green: Green) -> None:

@@ -305,6 +305,135 @@ def test_a_retry_after_on_a_poll_answer_is_honoured_over_the_schedule_and_the_de
     assert waited == pytest.approx(max(retry_after, scheduled), abs=1e-4)
 
 
+class Sleeps:
+    """The service's sleep, really sleeping, with what it was asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.asked.append(seconds)
+        time.sleep(seconds)
+
+
+def polls(queue: Swallow) -> list[tuple[str, uuid.UUID, float]]:
+    return [m for m in queue.sent if m[0] == POLL]
+
+
+def task_looks(simulator: RunningSimulator) -> list[dict[str, Any]]:
+    return [r for r in simulator.requests("nocworx") if r["method"] == "GET" and r["path"].startswith("/v1/task/")]
+
+
+def test_a_green_worker_takes_the_first_look_at_a_task_itself_and_keeps_the_lease_meanwhile(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    queue = Swallow()  # the simulator's tasks resolve 0.2 s after the 202: done at the first look (0.5 s)
+    rt = make_runtime(make_config(simulator, database_url=database_url,
+                                  nocworx={"poll": {"first_s": 0.5, "interval_s": 1, "deadline_s": 20}}), queue=queue)
+    rt.service.inline_poll_max_s = 1.0
+    sleeps = Sleeps()
+    rt.service.sleep = sleeps
+    kept: list[IntentView | None] = []
+    wait_first = rt.service._poll_leased
+
+    def look(intent: IntentView, target: Any) -> None:
+        kept.append(rt.service.get(intent.id))   # as stored during the look
+        wait_first(intent, target)
+
+    rt.service._poll_leased = look  # type: ignore[method-assign]
+    intent_id = submit(rt, target="nocworx", topic="dns")
+    rt.service.dispatch(intent_id)
+
+    view = rt.service.get(intent_id, with_attempts=True)
+    assert view.status is Status.succeeded and view.ticket is not None
+    assert polls(queue) == []                                      # no poll message
+    assert 0.5 in sleeps.asked
+    assert [a.op for a in view.attempt_log] == ["create", "poll"] and len(task_looks(simulator)) == 1
+    assert view.deliveries == 1 and view.attempts == 1
+    [during] = kept
+    assert during is not None and during.status is Status.polling and during.task_uuid == view.task_uuid
+    with rt.store.session() as s:                                   # released at the end
+        assert s.scalar(select(IntentRow.leased_by).where(IntentRow.id == intent_id)) is None
+    kinds = [e.kind for e in rt.store.events(intent_id)]
+    assert kinds[-2:] == ["polling", "succeeded"]
+
+
+def test_a_task_pending_at_the_first_look_is_polled_on_by_message_on_the_schedule(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    simulator.configure(task_stuck_rate=1.0)
+    queue = Swallow()
+    poll = {"first_s": 0.3, "interval_s": 1, "growth": 0.2, "deadline_s": 20}
+    rt = make_runtime(make_config(simulator, database_url=database_url, nocworx={"poll": poll}), queue=queue)
+    rt.service.inline_poll_max_s = 1.0
+    clock = FakeClock()
+    rt.service.clock = clock
+
+    def sleep(seconds: float) -> None:  # the wait passes on the service's clock
+        clock.now += timedelta(seconds=seconds)
+
+    rt.service.sleep = sleep
+    intent_id = submit(rt, target="nocworx", topic="dns")
+    rt.service.dispatch(intent_id)
+
+    view = rt.service.get(intent_id)
+    assert view.status is Status.polling and len(task_looks(simulator)) == 1
+    [(_, _, countdown)] = polls(queue)
+    assert countdown == pytest.approx(1 + 0.2 * 0.3, abs=0.03)  # the schedule's second wait
+    with rt.store.session() as s:
+        assert s.scalar(select(IntentRow.leased_by).where(IntentRow.id == intent_id)) is None
+
+
+def test_a_first_look_due_later_than_the_green_bound_goes_by_message(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    queue = Swallow()
+    rt = make_runtime(make_config(simulator, database_url=database_url,
+                                  nocworx={"poll": {"first_s": 2, "interval_s": 2, "deadline_s": 20}}), queue=queue)
+    rt.service.inline_poll_max_s = 1.0
+    intent_id = submit(rt, target="nocworx", topic="dns")
+    rt.service.dispatch(intent_id)
+
+    assert polls(queue) == [(POLL, intent_id, pytest.approx(2.0))]
+    assert task_looks(simulator) == []
+    assert rt.service.get(intent_id).status is Status.polling
+
+
+class Lost(BaseException):
+    """The worker process dies (kill -9) in the middle of a wait."""
+
+
+def test_a_worker_lost_while_waiting_for_the_first_look_leaves_the_task_to_the_scheduler_after_its_lease(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    queue = Swallow()
+    config = make_config(simulator, database_url=database_url,
+                         nocworx={"poll": {"first_s": 0.5, "interval_s": 1, "deadline_s": 20}})
+    rt = make_runtime(config, queue=queue)
+    rt.service.inline_poll_max_s = 1.0
+    clock = FakeClock()
+    rt.service.clock = clock
+
+    def die(seconds: float) -> None:
+        if seconds == 0.5:
+            raise Lost
+
+    rt.service.sleep = die
+    intent_id = submit(rt, target="nocworx", topic="dns")
+    with pytest.raises(Lost):
+        rt.service.dispatch(intent_id)
+
+    view = rt.service.get(intent_id, with_attempts=True)
+    assert view.status is Status.polling and view.task_uuid is not None and polls(queue) == []
+    assert [(a.op, a.verdict) for a in view.attempt_log] == [("create", "poll")]   # the task is on record
+    lease_s = config.scheduler.lease_s
+    clock.now += timedelta(seconds=0.5 + lease_s - 1)            # still leased: nobody else polls it
+    assert rt.service.schedule_once()["polls"] == 0 and polls(queue) == []
+    clock.now += timedelta(seconds=2)                            # the lease has expired: the scheduler sends it
+    assert rt.service.schedule_once()["polls"] == 1
+    assert [m[:2] for m in polls(queue)] == [(POLL, intent_id)]
+    rt.service.sleep = time.sleep
+    time.sleep(0.3)                                              # the simulator's task is done by then
+    rt.service.poll(intent_id)
+    assert rt.service.get(intent_id).status is Status.succeeded
+
+
 def test_a_failed_task_ends_failed_with_the_providers_message(
         database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
     simulator.configure(task_failure_rate=1.0)
