@@ -339,7 +339,7 @@ def test_a_green_worker_takes_the_first_look_at_a_task_itself_and_keeps_the_leas
         kept.append(rt.service.get(intent.id))   # as stored during the look
         wait_first(intent, target)
 
-    rt.service._poll_leased = look  # type: ignore[method-assign]
+    rt.service._poll_leased = look
     intent_id = submit(rt, target="nocworx", topic="dns")
     rt.service.dispatch(intent_id)
 
@@ -391,7 +391,8 @@ def test_a_first_look_due_later_than_the_green_bound_goes_by_message(
     intent_id = submit(rt, target="nocworx", topic="dns")
     rt.service.dispatch(intent_id)
 
-    assert polls(queue) == [(POLL, intent_id, pytest.approx(2.0))]
+    [(_, polled, countdown)] = polls(queue)
+    assert polled == intent_id and countdown == pytest.approx(2.0)
     assert task_looks(simulator) == []
     assert rt.service.get(intent_id).status is Status.polling
 
