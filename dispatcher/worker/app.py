@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 from celery.utils.nodenames import anon_nodename
 from kombu import Queue  # type: ignore[attr-defined]
 
@@ -101,13 +101,37 @@ def configure_pool(app: Celery, pool: str, concurrency: int) -> None:
     it: 40 intents over 4 greenlets in over 12 s instead of about 3). With two per greenlet the slots never fill
     first: the consumer blocks handing the next message to the pool (gevent's ``Pool.spawn`` waits
     for a free greenlet) and goes on the moment one finishes, so the worker still holds at most one
-    message more than it runs.
+    message more than it runs. And a step that hands back, at warm shutdown, the countdown messages
+    still waiting for a greenlet (:class:`HandBackWaitingCountdowns`).
     """
     options = dict(app.conf.broker_transport_options or {})
     options["max_connections"] = max(10, concurrency + BROKER_CONNECTIONS_SPARE)
     app.conf.broker_transport_options = options
     if pool == GEVENT:
         app.conf.worker_prefetch_multiplier = 2
+        app.steps["consumer"].add(HandBackWaitingCountdowns)
+
+
+class HandBackWaitingCountdowns(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Warm shutdown of a gevent worker: no countdown message starts its task once the worker stops.
+
+    A countdown message whose time has come goes to the pool from its timer greenlet
+    (``Consumer.apply_eta_task``), which blocks in gevent's ``Pool.spawn`` while every greenlet is
+    busy. Warm shutdown cancels only the timers not fired yet (``Consumer.on_close``), then waits for
+    the pool with ``Pool.join``, which returns as soon as the pool has been empty once: when the
+    running greenlets end together, a timer greenlet waiting for a slot starts its task just after,
+    and the worker closes its connection and exits under it, the task cut off mid-run (its intent
+    claimed, so the message handed back finds it leased and does nothing until the lease expires:
+    chaos G2 once waited out its deadline on one). Killing every timer greenlet first (the
+    consumer's steps stop before the pool) starts nothing more; their messages are not acknowledged
+    and go back to Redis as the channel closes. tests/acceptance/test_gevent_shutdown.py."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def stop(self, c: Any) -> None:
+        timer = getattr(c, "timer", None)
+        if timer is not None and hasattr(timer, "clear"):  # celery.concurrency.gevent.Timer.clear
+            timer.clear()  # kills them all, those blocked in Pool.spawn included
 
 
 def free_prefetch_slots_when_acks_fail() -> None:

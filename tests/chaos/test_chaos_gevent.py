@@ -38,13 +38,13 @@ def test_g1_a_gevent_worker_killed_mid_run_is_replaced_and_loses_nothing(chaos_e
 
 
 def test_g2_a_gevent_worker_stopped_finishes_its_greenlets_and_hands_back_the_rest(chaos_env: ChaosEnv) -> None:
-    """SIGTERM (warm shutdown) under load, then a new worker: with leases at 60 s and a deadline
-    below that, it passes only if the stopped worker finished (or released) what its greenlets were
-    running. Unlike prefork (S3), a gevent worker's warm shutdown once left one message of 500 (an
-    intent waiting for its rate-limit turn, so a countdown message) neither run nor given back to
-    Redis (CI, 2026-12-04; cause not found): the scheduler re-publishes such an intent once it is
-    overdue by ``requeue_after_s``, here 10 s, so nothing is lost, only later."""
-    with Scenario(chaos_env, "G2 SIGTERM gevent worker during load", scheduler={"lease_s": 60, "requeue_after_s": 10},
+    """SIGTERM (warm shutdown) under load, then a new worker: with leases and re-publishing at 60 s
+    and a deadline below that, it passes only if the stopped worker finished (or released) what its
+    greenlets were running and handed back every other message. It once failed on one intent of
+    500 (CI, 2026-12-04): a countdown message due during the shutdown started its task after the
+    pool's last wait and was cut off as the worker exited, its intent leased for 60 s
+    (``HandBackWaitingCountdowns``, tests/acceptance/test_gevent_shutdown.py)."""
+    with Scenario(chaos_env, "G2 SIGTERM gevent worker during load", scheduler={"lease_s": 60, "requeue_after_s": 60},
                   sim={"error_rate": 0.05, "latency_ms": [5, 60]}, deadline_s=55) as s:
         s.start_scheduler()
         g1 = s.start_worker("g1", GREENLETS, pool="gevent")
