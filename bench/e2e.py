@@ -14,6 +14,9 @@ Options:
     --concurrency C    tasks at once per worker process (default: ``dispatcher worker``'s for the
                        pool, 64 threads or 256 greenlets)
     --workers W        worker processes (default 1)
+    --db-connections D PostgreSQL connections each worker's hot path may open
+                       (``DISPATCHER_DB_CONNECTIONS``; default 64 / W, so that W workers stay
+                       under PostgreSQL's default of 100 connections)
     --paced M          intents submitted one by one afterwards, to measure latency (default 400)
     --paced-rate R     ... at R intents per second (default 20: under both variants' capacity on
                        this machine, so latency is the pipeline's own, not a backlog's; keep it
@@ -409,7 +412,8 @@ def run_dispatcher(args: argparse.Namespace, latency: int, sim: Simulator, redis
         config = load_config(Settings(database_url=database_url, broker_url=redis_url, config=config_file))
         proc_env = base_env({"DISPATCHER_DATABASE_URL": database_url, "DISPATCHER_BROKER_URL": redis_url,
                              "DISPATCHER_CONFIG": str(config_file), "DISPATCHER_LOG_LEVEL": "WARNING",
-                             "DISPATCHER_LOG_FORMAT": "json", **env})
+                             "DISPATCHER_LOG_FORMAT": "json", "DISPATCHER_DB_CONNECTIONS": str(args.db_connections),
+                             **env})
         dispatcher_bin = str(Path(sys.executable).parent / "dispatcher")
         argv = [dispatcher_bin, "worker", "--pool", args.pool, "--concurrency", str(args.concurrency)]
         workers = [start(workdir, f"worker{n}", argv, {**proc_env, "DISPATCHER_WORKER_NAME": f"w{n}"})
@@ -598,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", choices=["gevent", "threads"], default=DEFAULT_POOL)
     parser.add_argument("--concurrency", type=int, default=None)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--db-connections", type=int, default=None)
     parser.add_argument("--paced", type=int, default=400)
     parser.add_argument("--paced-rate", type=float, default=20.0)
     parser.add_argument("--task-delay", type=float, default=0.0)
@@ -608,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "e2e.json")
     args = parser.parse_args(argv)
     args.concurrency = args.concurrency or WORKER_CONCURRENCY[args.pool]
+    args.db_connections = args.db_connections or max(4, 64 // args.workers)
     latencies = [int(x) for x in args.latency.split(",") if x.strip()]
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     if unknown := [v for v in chosen if v not in VARIANTS]:

@@ -13,12 +13,12 @@ import sys
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
 
-from dispatcher.config import AppConfig, Settings, load_config
+from dispatcher.config import AppConfig, Settings, load_config, read_settings
 from dispatcher.errors import ConfigError, IntentInvalid, UnknownIntent
 from dispatcher.green import DEFAULT_POOL, GEVENT, patched_for_gevent
 from dispatcher.heap import settle_heap
@@ -38,14 +38,25 @@ def _config() -> AppConfig:
     try:
         return load_config()
     except ConfigError as exc:
-        err_console.print(f"[bold red]configuration error:[/] {exc}", markup=True, highlight=False)
-        sys.exit(EXIT_CONFIG)
+        _config_error(exc)
+
+
+def _settings() -> Settings:
+    try:
+        return read_settings()
+    except ConfigError as exc:
+        _config_error(exc)
+
+
+def _config_error(exc: ConfigError) -> NoReturn:
+    err_console.print(f"[bold red]configuration error:[/] {exc}", markup=True, highlight=False)
+    sys.exit(EXIT_CONFIG)
 
 
 def _logging(config: AppConfig | None = None) -> None:
     from dispatcher.logs import setup_logging
 
-    settings = config.settings if config else Settings()
+    settings = config.settings if config else _settings()
     setup_logging(settings.log_level, settings.log_format, config.secret_values() if config else ())
 
 
@@ -80,7 +91,7 @@ def db_upgrade(revision: str) -> None:
 
     from dispatcher.store import db as store_db
 
-    settings = Settings()
+    settings = _settings()
     url = settings.resolved_database_url()
     try:
         store_db.upgrade(url, revision)

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     #: a prefork worker's children count in files here (a fresh temporary directory when unset)
     metrics_dir: Path | None = None
+    #: PostgreSQL connections a worker process's hot path opens at most (tasks past them wait for
+    #: one); its other work has a pool of a quarter of that, +5 (dispatcher.runtime)
+    db_connections: int = Field(default=64, ge=1, le=1000)
 
     @property
     def embedded(self) -> bool:
@@ -406,9 +409,23 @@ def _alerts_config(alerts: AlertsFile, targets: Mapping[str, TargetConfig], env:
         grafana_secret=secret)
 
 
+def read_settings() -> Settings:
+    """``DISPATCHER_*`` from the environment; a bad value is a :class:`ConfigError` naming the
+    variable and the reason (a URL's value is never repeated: it may hold a password)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = "DISPATCHER_" + "_".join(str(part) for part in error["loc"]).upper()
+            shown = "" if name.endswith("_URL") else f" (got {error.get('input')!r})"
+            problems.append(f"{name}: {error['msg']}{shown}")
+        raise ConfigError("; ".join(problems)) from None
+
+
 def load_config(settings: Settings | None = None, env: Mapping[str, str] | None = None) -> AppConfig:
     """Read the settings and the targets file (``DISPATCHER_CONFIG``, else ``./dispatcher.toml``)."""
-    settings = settings or Settings()
+    settings = settings or read_settings()
     path = settings.config
     if path is None and Path("dispatcher.toml").is_file():
         path = Path("dispatcher.toml")

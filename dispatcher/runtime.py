@@ -28,13 +28,12 @@ log = logging.getLogger(__name__)
 
 #: Database connections of a worker process. The hot path's statements (claim, attempt record,
 #: completion) have their own, kept in autocommit and reused last in, first out
-#: (``store.driver.DriverConnections``): at most one per thread, in practice those busy at once.
-#: The pool is for everything else (a lease renewal, an early message's look-up, a reconcile),
-#: which a thread needs far less often: a quarter of the threads' count (at least 2, at most
-#: DB_POOL_MAX // 4) and DB_POOL_OVERFLOW more in a burst. So ``-c 64``: at most 64 + 16 + 5 = 85.
-#: A gevent worker runs more tasks than that (256): its hot path waits for one of DB_POOL_MAX
-#: connections, so it opens at most 85 too.
-DB_POOL_MAX = 64
+#: (``store.driver.DriverConnections``): at most one per task running at once and at most
+#: ``DISPATCHER_DB_CONNECTIONS`` (default 64; tasks past them wait for one), in practice those
+#: busy at once. The pool is for everything else (a lease renewal, an early message's look-up, a
+#: reconcile), which a task needs far less often: a quarter of that (at least 2) and
+#: DB_POOL_OVERFLOW more in a burst. So a default worker (256 greenlets, or ``-c 64`` threads)
+#: opens at most 64 + 16 + 5 = 85.
 DB_POOL_OVERFLOW = 5
 
 
@@ -85,12 +84,12 @@ def build_runtime(config: AppConfig, *, queue: TaskQueue | None = None, limiter:
         engine = db.make_engine(url)
     else:
         # connections beyond the pool's size are closed when given back, and opening one costs more
-        # than a whole dispatch; the hot path's statements have connections of their own (DB_POOL_MAX)
-        size = max(2, min(concurrency, DB_POOL_MAX) // 4)
+        # than a whole dispatch; the hot path's statements have connections of their own
+        size = max(2, min(concurrency, config.settings.db_connections) // 4)
         engine = db.make_engine(url, pool_size=size, max_overflow=DB_POOL_OVERFLOW, pre_ping=False)
     connections = max(concurrency or 0, 100)
-    if concurrency is not None and concurrency > DB_POOL_MAX:  # greenlets: more tasks than connections
-        driver_connections(engine).limit(DB_POOL_MAX)
+    if concurrency is not None and concurrency > config.settings.db_connections:  # more tasks than connections
+        driver_connections(engine).limit(config.settings.db_connections)
     store = Store(engine)
     holder: dict[str, Dispatcher] = {}
     in_process: InProcessQueue | None = None

@@ -13,9 +13,11 @@ import pytest
 from sqlalchemy import Engine, bindparam, func, insert, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from dispatcher.config import AppConfig, Settings
 from dispatcher.store import db
 from dispatcher.store.driver import DriverStatement, driver_connections, execute_one
 from dispatcher.store.tables import AttemptRow, IntentRow
+from tests.integration.test_delivery import Swallow
 
 INTENTS = IntentRow.__table__
 ATTEMPTS = AttemptRow.__table__
@@ -173,3 +175,16 @@ def test_with_a_limit_statements_past_it_wait_for_a_connection_instead_of_openin
 
     assert len({row[0] for row in rows}) == 2         # never more than 2 backends
     assert len(connections._idle) == 2
+
+
+def test_a_worker_with_more_tasks_than_DISPATCHER_DB_CONNECTIONS_opens_no_more_than_that(
+        database_url: str, make_runtime: Any) -> None:
+    config = AppConfig(settings=Settings(database_url=database_url, db_connections=3))
+    rt = make_runtime(config, queue=Swallow(), concurrency=8)   # 8 tasks at once (greenlets), 3 connections
+    slow = DriverStatement.compile(select(func.pg_backend_pid().label("pid"), func.pg_sleep(0.2).label("slept")),
+                                   rt.store.engine.dialect)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        rows = list(pool.map(lambda _: execute_one(rt.store.engine, slow, {}), range(8)))
+
+    assert len({row[0] for row in rows}) == 3
+    assert rt.store.engine.pool.size() == 2                      # the rest of its work: a quarter, at least 2

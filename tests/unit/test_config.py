@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from dispatcher.backoff import PollPolicy
-from dispatcher.config import Settings, TargetConfig, load_config, parse_config
+from dispatcher.config import Settings, TargetConfig, load_config, parse_config, read_settings
 from dispatcher.errors import ConfigError
 
 GOOD = {"targets": {"hostup": {"provider": "hostup", "base_url": "https://cloud.hostup.se/api/v2",
@@ -128,3 +128,30 @@ def test_bad_poll_settings_fail_naming_the_key_path(poll: dict[str, Any], path: 
     with pytest.raises(ConfigError) as info:
         poll_target(poll)
     assert path in str(info.value)
+
+
+def test_a_bad_environment_setting_is_refused_naming_the_variable_and_the_reason(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISPATCHER_DB_CONNECTIONS", "0")
+    monkeypatch.setenv("DISPATCHER_API_PORT", "eighty")
+    with pytest.raises(ConfigError) as caught:
+        read_settings()
+    message = str(caught.value)
+    assert "DISPATCHER_DB_CONNECTIONS: Input should be greater than or equal to 1 (got '0')" in message
+    assert "DISPATCHER_API_PORT: Input should be a valid integer" in message and "'eighty'" in message
+
+
+def test_the_cli_reports_a_bad_environment_setting_as_a_configuration_error_not_a_traceback(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from dispatcher.cli import EXIT_CONFIG, main
+
+    monkeypatch.setenv("DISPATCHER_DB_CONNECTIONS", "many")
+    result = CliRunner().invoke(main, ["worker", "--pool", "threads"])
+    assert result.exit_code == EXIT_CONFIG
+    assert "DISPATCHER_DB_CONNECTIONS" in result.output and "Traceback" not in result.output
+
+
+def test_the_hot_path_connections_of_a_worker_default_to_64() -> None:
+    assert Settings().db_connections == 64
