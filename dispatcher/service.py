@@ -811,9 +811,8 @@ class Dispatcher:
             log.warning("poll of %s not taken: the lease was lost", intent.id)
             return
         self._claimed.at = time.monotonic() + wait  # the kept lease runs lease_s from the end of the wait
-        polling = replace(intent, status=Status.polling, task_uuid=outcome.task_uuid,
-                                      poll_path=outcome.poll_path, poll_deadline=deadline, next_attempt_at=due,
-                                      needs_reconcile=False, attempts=attempts)
+        polling = replace(intent, status=Status.polling, task_uuid=outcome.task_uuid, poll_path=outcome.poll_path,
+                          poll_deadline=deadline, next_attempt_at=due, needs_reconcile=False, attempts=attempts)
         self.sleep(wait)
         self._poll_leased(polling, target)
 

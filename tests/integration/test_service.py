@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from dispatcher.domain import IntentView, Status
 from dispatcher.errors import IntentInvalid
@@ -395,6 +395,29 @@ def test_a_first_look_due_later_than_the_green_bound_goes_by_message(
     assert polled == intent_id and countdown == pytest.approx(2.0)
     assert task_looks(simulator) == []
     assert rt.service.get(intent_id).status is Status.polling
+
+
+def test_a_worker_whose_lease_was_taken_over_does_not_take_the_first_look(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    queue = Swallow()
+    rt = make_runtime(make_config(simulator, database_url=database_url,
+                                  nocworx={"poll": {"first_s": 0.5, "interval_s": 1, "deadline_s": 20}}), queue=queue)
+    rt.service.inline_poll_max_s = 1.0
+    release = rt.store.release
+
+    def taken_over_first(intent_id: uuid.UUID, worker: str, **kwargs: Any) -> bool:
+        if kwargs.get("keep_lease_s") is not None:  # presumed dead meanwhile: another worker holds it now
+            with rt.store.session() as s, s.begin():
+                s.execute(update(IntentRow).where(IntentRow.id == intent_id).values(leased_by="other"))
+        return release(intent_id, worker, **kwargs)
+
+    rt.store.release = taken_over_first
+    intent_id = submit(rt, target="nocworx", topic="dns")
+    rt.service.dispatch(intent_id)
+
+    assert task_looks(simulator) == [] and polls(queue) == []
+    with rt.store.session() as s:
+        assert s.scalar(select(IntentRow.leased_by).where(IntentRow.id == intent_id)) == "other"
 
 
 class Lost(BaseException):
