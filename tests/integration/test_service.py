@@ -324,12 +324,24 @@ def task_looks(simulator: RunningSimulator) -> list[dict[str, Any]]:
     return [r for r in simulator.requests("nocworx") if r["method"] == "GET" and r["path"].startswith("/v1/task/")]
 
 
+#: NocWorx's poll schedule in the first-look tests: the default first look, a short deadline
+FIRST_LOOK_AT_HALF_A_SECOND = {"first_s": 0.5, "interval_s": 1, "deadline_s": 20}
+
+
+def green_runtime(make_runtime: Any, simulator: RunningSimulator, database_url: str,
+                  poll: dict[str, Any]) -> tuple[Runtime, Swallow]:
+    """A service as a gevent worker's (first looks within 1 s taken in the task), with ``poll`` for
+    NocWorx, publishing into a :class:`Swallow`."""
+    queue = Swallow()
+    rt = make_runtime(make_config(simulator, database_url=database_url, nocworx={"poll": poll}), queue=queue)
+    rt.service.inline_poll_max_s = 1.0
+    return rt, queue
+
+
 def test_a_green_worker_takes_the_first_look_at_a_task_itself_and_keeps_the_lease_meanwhile(
         database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
-    queue = Swallow()  # the simulator's tasks resolve 0.2 s after the 202: done at the first look (0.5 s)
-    rt = make_runtime(make_config(simulator, database_url=database_url,
-                                  nocworx={"poll": {"first_s": 0.5, "interval_s": 1, "deadline_s": 20}}), queue=queue)
-    rt.service.inline_poll_max_s = 1.0
+    # the simulator's tasks resolve 0.2 s after the 202: done at the first look (0.5 s)
+    rt, queue = green_runtime(make_runtime, simulator, database_url, FIRST_LOOK_AT_HALF_A_SECOND)
     sleeps = Sleeps()
     rt.service.sleep = sleeps
     kept: list[IntentView | None] = []
@@ -360,10 +372,8 @@ def test_a_green_worker_takes_the_first_look_at_a_task_itself_and_keeps_the_leas
 def test_a_task_pending_at_the_first_look_is_polled_on_by_message_on_the_schedule(
         database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
     simulator.configure(task_stuck_rate=1.0)
-    queue = Swallow()
-    poll = {"first_s": 0.3, "interval_s": 1, "growth": 0.2, "deadline_s": 20}
-    rt = make_runtime(make_config(simulator, database_url=database_url, nocworx={"poll": poll}), queue=queue)
-    rt.service.inline_poll_max_s = 1.0
+    rt, queue = green_runtime(make_runtime, simulator, database_url,
+                              {"first_s": 0.3, "interval_s": 1, "growth": 0.2, "deadline_s": 20})
     clock = FakeClock()
     rt.service.clock = clock
 
@@ -384,10 +394,7 @@ def test_a_task_pending_at_the_first_look_is_polled_on_by_message_on_the_schedul
 
 def test_a_first_look_due_later_than_the_green_bound_goes_by_message(
         database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
-    queue = Swallow()
-    rt = make_runtime(make_config(simulator, database_url=database_url,
-                                  nocworx={"poll": {"first_s": 2, "interval_s": 2, "deadline_s": 20}}), queue=queue)
-    rt.service.inline_poll_max_s = 1.0
+    rt, queue = green_runtime(make_runtime, simulator, database_url, {"first_s": 2, "interval_s": 2, "deadline_s": 20})
     intent_id = submit(rt, target="nocworx", topic="dns")
     rt.service.dispatch(intent_id)
 
@@ -399,10 +406,7 @@ def test_a_first_look_due_later_than_the_green_bound_goes_by_message(
 
 def test_a_worker_whose_lease_was_taken_over_does_not_take_the_first_look(
         database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
-    queue = Swallow()
-    rt = make_runtime(make_config(simulator, database_url=database_url,
-                                  nocworx={"poll": {"first_s": 0.5, "interval_s": 1, "deadline_s": 20}}), queue=queue)
-    rt.service.inline_poll_max_s = 1.0
+    rt, queue = green_runtime(make_runtime, simulator, database_url, FIRST_LOOK_AT_HALF_A_SECOND)
     release = rt.store.release
 
     def taken_over_first(intent_id: uuid.UUID, worker: str, **kwargs: Any) -> bool:
@@ -426,11 +430,7 @@ class Lost(BaseException):
 
 def test_a_worker_lost_while_waiting_for_the_first_look_leaves_the_task_to_the_scheduler_after_its_lease(
         database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
-    queue = Swallow()
-    config = make_config(simulator, database_url=database_url,
-                         nocworx={"poll": {"first_s": 0.5, "interval_s": 1, "deadline_s": 20}})
-    rt = make_runtime(config, queue=queue)
-    rt.service.inline_poll_max_s = 1.0
+    rt, queue = green_runtime(make_runtime, simulator, database_url, FIRST_LOOK_AT_HALF_A_SECOND)
     clock = FakeClock()
     rt.service.clock = clock
 
@@ -446,7 +446,7 @@ def test_a_worker_lost_while_waiting_for_the_first_look_leaves_the_task_to_the_s
     view = rt.service.get(intent_id, with_attempts=True)
     assert view.status is Status.polling and view.task_uuid is not None and polls(queue) == []
     assert [(a.op, a.verdict) for a in view.attempt_log] == [("create", "poll")]   # the task is on record
-    lease_s = config.scheduler.lease_s
+    lease_s = rt.config.scheduler.lease_s
     clock.now += timedelta(seconds=0.5 + lease_s - 1)            # still leased: nobody else polls it
     assert rt.service.schedule_once()["polls"] == 0 and polls(queue) == []
     clock.now += timedelta(seconds=2)                            # the lease has expired: the scheduler sends it
