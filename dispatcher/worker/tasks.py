@@ -26,7 +26,13 @@ from sqlalchemy.exc import DBAPIError
 from dispatcher.config import AppConfig
 from dispatcher.green import GEVENT
 from dispatcher.runtime import Runtime, build_runtime
-from dispatcher.worker.app import CeleryQueue, configure_pool, free_prefetch_slots_when_acks_fail, make_celery
+from dispatcher.worker.app import (
+    CeleryQueue,
+    cold_shutdown_between_events,
+    configure_pool,
+    free_prefetch_slots_when_acks_fail,
+    make_celery,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +105,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
 
     config: AppConfig = _state["config"]
     settings = config.settings
+    cold_shutdown_between_events(sender)  # prefork: never in the middle of a child's message
     info: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
     try:  # what an operator wants to see in `/readyz` and `dispatcher check`; none of it is essential
         controller = sender.controller

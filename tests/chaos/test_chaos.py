@@ -110,9 +110,11 @@ def test_s3_a_stopped_worker_finishes_or_hands_back_its_work_without_waiting_for
         w1.popen.send_signal(sig)
         s.fault(f"{sig.name} worker w1 ({w1.popen.pid})", hit)
         stopped = now()
-        # usually 0.3-3 s (SIGTERM) or 21-22 s (SIGQUIT: the 20 s soft shutdown, then cold); once, in
-        # CI on 2026-12-04, a prefork worker took over 40 s after SIGQUIT (it exited 0; cause not
-        # found). The deadline, below the leases, still judges whether its work was handed back.
+        # usually 0.3-3 s (SIGTERM) or 21-22 s (SIGQUIT: the 20 s soft shutdown, then cold). Twice in
+        # CI on 2026-12-04 a prefork worker took 40-51 s after SIGQUIT: Celery's cold shutdown ran
+        # inside the signal handler while the loop was handing a child's result, and the child
+        # waited 30 s for it (dispatcher.worker.app.cold_shutdown_between_events). The deadline,
+        # below the leases, judges whether its work was handed back.
         w1.popen.wait(timeout=60)
         s.notes.append(f"w1 exited {now() - stopped:.1f} s after {sig.name} (code {w1.popen.returncode})")
         s.start_worker("w3")
