@@ -86,6 +86,7 @@ import redis
 
 from bench.ratelimit import Proc, Simulator, base_env, leased_redis_db, scratch_database, start
 from dispatcher.cli import WORKER_CONCURRENCY
+from dispatcher.config import Settings
 from dispatcher.green import DEFAULT_POOL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -400,7 +401,7 @@ def config_text(sim: Simulator) -> str:
 
 def run_dispatcher(args: argparse.Namespace, latency: int, sim: Simulator, redis_url: str,
                    workdir: Path) -> RunResult:
-    from dispatcher.config import Settings, load_config
+    from dispatcher.config import load_config
     from dispatcher.runtime import build_runtime
 
     redis.Redis.from_url(redis_url).flushdb()
@@ -613,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "e2e.json")
     args = parser.parse_args(argv)
     args.concurrency = args.concurrency or WORKER_CONCURRENCY[args.pool]
-    args.db_connections = args.db_connections or max(4, 64 // args.workers)
+    args.db_connections = args.db_connections or max(4, Settings.model_fields["db_connections"].default // args.workers)
     latencies = [int(x) for x in args.latency.split(",") if x.strip()]
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     if unknown := [v for v in chosen if v not in VARIANTS]:

@@ -85,11 +85,12 @@ def build_runtime(config: AppConfig, *, queue: TaskQueue | None = None, limiter:
     else:
         # connections beyond the pool's size are closed when given back, and opening one costs more
         # than a whole dispatch; the hot path's statements have connections of their own
-        size = max(2, min(concurrency, config.settings.db_connections) // 4)
-        engine = db.make_engine(url, pool_size=size, max_overflow=DB_POOL_OVERFLOW, pre_ping=False)
+        hot_path = config.settings.db_connections
+        engine = db.make_engine(url, pool_size=max(2, min(concurrency, hot_path) // 4), max_overflow=DB_POOL_OVERFLOW,
+                                pre_ping=False)
+        if concurrency > hot_path:  # more tasks than connections: the rest wait for one
+            driver_connections(engine).limit(hot_path)
     connections = max(concurrency or 0, 100)
-    if concurrency is not None and concurrency > config.settings.db_connections:  # more tasks than connections
-        driver_connections(engine).limit(config.settings.db_connections)
     store = Store(engine)
     holder: dict[str, Dispatcher] = {}
     in_process: InProcessQueue | None = None

@@ -42,9 +42,11 @@ _state: dict[str, Any] = {}
 def runtime() -> Runtime:
     if "runtime" not in _state:
         config: AppConfig = _state["config"]
+        pool: str = _state["pool"]
+        # a threads or gevent pool's tasks share this process; a prefork child runs one
+        concurrency = _state["concurrency"] if pool in ("threads", GEVENT) else 1
         _state["runtime"] = build_runtime(config, queue=CeleryQueue(_state["app"]), migrate_sqlite=False,
-                                          worker=lease_holder(config), concurrency=_state.get("threads", 1),
-                                          green=_state.get("pool") == GEVENT)
+                                          worker=lease_holder(config), concurrency=concurrency, green=pool == GEVENT)
     rt: Runtime = _state["runtime"]
     return rt
 
@@ -142,8 +144,8 @@ def create_worker_app(config: AppConfig, *, pool: str = "threads", concurrency: 
     runtime's connections), a prefork child runs one."""
     app = make_celery(config)
     configure_pool(app, pool, concurrency)
-    _state["threads"] = concurrency if pool in ("threads", GEVENT) else 1
     _state["pool"] = pool
+    _state["concurrency"] = concurrency
     free_prefetch_slots_when_acks_fail()
     _state["config"] = config
     _state["app"] = app
