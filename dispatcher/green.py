@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -58,6 +58,7 @@ def patch_for_green_worker(argv: Sequence[str]) -> None:
 
     monkey.patch_all()
     _unpatched_readiness_checks(monkey.get_original("select", "poll"))
+    _psycopg_waits_on_one_watcher()
 
 
 def _unpatched_readiness_checks(poll: Any) -> None:
@@ -97,3 +98,65 @@ def _unpatched_readiness_checks(poll: Any) -> None:
         return bool(poller.poll(0))
 
     hiredis._socket_can_read = socket_can_read
+
+
+def _psycopg_waits_on_one_watcher() -> None:
+    """psycopg waits for its socket on one gevent watcher per wait, not through gevent's ``select.poll``.
+
+    Seeing the patching, psycopg waits with ``select.poll`` (``psycopg.waiting.wait_poll``), for
+    which gevent's makes a poll object, its watchers, an event and a timeout (psycopg asks to wake
+    every 0.1 s) on each of the two or three waits of every statement: about 4 % of a gevent
+    worker's CPU at 0 ms (bench/e2e.py --profile). A wait needs one io watcher on the statement's
+    socket, as gevent's own sockets wait (``bench/green.py`` times both). psycopg's wake-ups only
+    let Ctrl-C in between (a statement's generator goes on waiting after one), so none is asked
+    for here; a ``timeout`` is kept. Connecting keeps psycopg's own wait (``wait_conn``)."""
+    import psycopg.waiting
+
+    psycopg.waiting.wait = watcher_wait()
+
+
+def watcher_wait() -> Callable[..., Any]:
+    """A ``psycopg.waiting.wait`` for a gevent worker: it runs psycopg's generator on the socket,
+    each wait one io watcher on gevent's loop (:func:`_psycopg_waits_on_one_watcher`)."""
+    import time
+
+    from gevent import Timeout, get_hub
+    from gevent.hub import Waiter
+    from psycopg import errors
+
+    monotonic = time.monotonic
+
+    def wait(gen: Any, fileno: int, interval: float | None = 0.0, timeout: float | None = None) -> Any:
+        hub = get_hub()
+        deadline = None if timeout is None else monotonic() + timeout
+        try:
+            wanted = next(gen)
+            while True:
+                try:
+                    watcher = hub.loop.io(fileno, int(wanted))
+                except OSError as exc:  # the socket was closed under it
+                    raise errors.OperationalError("connection socket closed") from exc
+                waiter: Waiter[int] = Waiter(hub)
+                watcher.start(waiter.switch, pass_events=True)
+                timer = None if deadline is None else Timeout.start_new(max(0.0, deadline - monotonic()))
+                try:
+                    events = waiter.get()
+                except Timeout as exc:
+                    if exc is not timer:
+                        raise
+                    events = 0
+                finally:
+                    if timer is not None:
+                        timer.close()
+                    watcher.stop()
+                    watcher.close()
+                ready = events & 3 if events > 0 else 0  # libev's READ and WRITE are psycopg's R and W
+                if events < 0 or (events and not ready):
+                    raise errors.OperationalError("connection socket closed")
+                wanted = gen.send(ready)
+                if deadline is not None and monotonic() >= deadline:
+                    raise errors._WaitTimeout("wait timeout expired")
+        except StopIteration as done:
+            return done.value
+
+    return wait
