@@ -91,7 +91,8 @@ def test_a_profile_tells_the_consumer_loop_from_the_task_threads(tmp_path: Path)
     assert profile_outside_tasks(green) == 75.0
 
 
-def test_the_green_benchmark_times_httpcores_and_redis_checks_both_ways() -> None:
+def test_the_green_benchmark_times_the_checks_psycopgs_wait_and_the_semaphore_both_ways() -> None:
     out = run_bench("bench.green", "--calls", "2000", "--rounds", "1").stdout
-    rows = [re.findall(r"([0-9.]+) us per check", line) for line in out.splitlines() if "us per check" in line]
-    assert len(rows) == 2 and all(len(row) == 2 and all(float(v) > 0 for v in row) for row in rows)
+    rows = [re.findall(r"([0-9.]+) us per call", line) for line in out.splitlines() if "us per call" in line]
+    assert len(rows) == 4 and all(len(row) == 2 and all(float(v) > 0 for v in row) for row in rows)
+    assert "psycopg SELECT 1" in out and "driver semaphore" in out
