@@ -100,3 +100,17 @@ def test_any_other_command_line_patches_nothing() -> None:
     probe = "import sys; sys.argv = ['dispatcher', 'api']; import dispatcher; print('gevent' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_every_task_shares_one_stand_in_result_backend_instead_of_building_one_per_thread_or_greenlet() -> None:
+    # a gevent worker runs each task in a greenlet of its own, and its threading.local is per greenlet
+    from concurrent.futures import ThreadPoolExecutor
+
+    from celery.backends.base import DisabledBackend
+
+    app = celery_app()
+    first = app.backend
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        backends = list(pool.map(lambda _: app.backend, range(3)))
+    assert isinstance(first, DisabledBackend)
+    assert all(backend is first for backend in backends)
