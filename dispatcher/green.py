@@ -6,8 +6,9 @@ switch (README, "The worker's hot path"). That only works if every socket, lock 
 process uses is gevent's, which means patching them before the first import that keeps a reference
 to the originals: this runs first thing in ``dispatcher/__init__.py`` (``python -m dispatcher``
 and the ``dispatcher`` script both import the package first), as Celery's own command line does
-(``celery.maybe_patch_concurrency``), and only for that command line. psycopg sees the patching
-and waits in gevent's way.
+(``celery.maybe_patch_concurrency``), and only for that command line. psycopg, seeing the
+patching, would wait through gevent's ``select.poll``; it is given a wait on one io watcher instead
+(:func:`watcher_wait`).
 """
 
 from __future__ import annotations
