@@ -6,6 +6,7 @@ this one would turn the rest of the suite green), on the test's own database."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -15,13 +16,14 @@ from typing import Any
 def probe(code: str, database_url: str) -> Any:
     """Run ``code`` in a process patched as `dispatcher worker` is; the JSON it prints last."""
     head = textwrap.dedent("""
-        import json, sys, time
+        import json, os, sys, time
         sys.argv = ["dispatcher", "worker", "--pool", "gevent"]
         import dispatcher, gevent, psycopg, psycopg.waiting
-        URL = sys.argv_url
-    """).replace("sys.argv_url", repr(database_url.replace("postgresql+psycopg://", "postgresql://")))
+        URL = os.environ["PROBE_DATABASE_URL"]
+    """)
+    env = {**os.environ, "PROBE_DATABASE_URL": database_url.replace("postgresql+psycopg://", "postgresql://")}
     out = subprocess.run([sys.executable, "-c", head + textwrap.dedent(code)], capture_output=True, text=True,
-                         timeout=60)
+                         timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -81,7 +83,6 @@ def test_in_a_gevent_worker_a_wait_past_its_timeout_raises_and_lets_other_greenl
 
 def test_in_a_gevent_worker_a_statement_on_a_closed_socket_fails_as_a_lost_connection(database_url: str) -> None:
     result = probe("""
-        import os
         conn = psycopg.connect(URL, autocommit=True)
         conn.pgconn.send_query(b"SELECT 1")
         gen = psycopg.generators.fetch_many(conn.pgconn)
@@ -96,7 +97,7 @@ def test_in_a_gevent_worker_a_statement_on_a_closed_socket_fails_as_a_lost_conne
     assert result == {"outcome": "OperationalError"}
 
 
-def test_in_a_gevent_worker_the_driver_bounds_its_connections_with_geventss_semaphore(database_url: str) -> None:
+def test_in_a_gevent_worker_the_driver_bounds_its_connections_with_gevents_semaphore(database_url: str) -> None:
     result = probe("""
         from sqlalchemy import func, select
         from dispatcher.store import db
