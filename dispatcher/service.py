@@ -384,7 +384,7 @@ class Dispatcher:
         claimed = self.store.claim_due(intent_id, statuses=DUE_STATUSES, to=Status.sending, now=now,
                                        lease_s=self.config.scheduler.lease_s, worker=self.worker)
         if claimed is None:
-            self._requeue_if_early(intent_id, DISPATCH)
+            self._requeue_if_early(intent_id, DISPATCH, now)
             return
         intent, paused = claimed
         self._claimed.at = time.monotonic()
@@ -422,16 +422,23 @@ class Dispatcher:
             self._retry_later(intent, target, Outcome(Verdict.retry, error_code="internal", error_message=error),
                               maybe_created=maybe_created)
 
-    def _requeue_if_early(self, intent_id: uuid.UUID, task: str) -> None:
-        """A message that came before its time goes back; anything else is a replay and does nothing."""
+    def _requeue_if_early(self, intent_id: uuid.UUID, task: str, claimed_at: datetime) -> None:
+        """A message that came before its time goes back; anything else is a replay and does nothing.
+
+        "Before its time" is judged at ``claimed_at``, the instant the failed claim compared the due
+        time with, not on a later reading of the clock: a countdown message fires a few milliseconds
+        early now and then, and judged a moment later it looked due, so it was taken for a replay
+        and dropped, and its intent waited for the scheduler's re-publishing (``requeue_after_s``;
+        chaos G2 saw one wait out its deadline so). Such a message goes back due at once."""
         metrics.redelivered(task)
         view = self.store.get(intent_id)
         if view is None or view.next_attempt_at is None:
             return
-        wait = (view.next_attempt_at - self.clock()).total_seconds()
         due_statuses = DUE_STATUSES if task == DISPATCH else {Status.polling}
-        if view.status in due_statuses and 0 < wait <= self.config.scheduler.short_wait_s:
-            self._publish(task, [(view.id, view.target)], countdown=wait)
+        early = (view.next_attempt_at - claimed_at).total_seconds()
+        if view.status in due_statuses and 0 < early <= self.config.scheduler.short_wait_s:
+            wait = (view.next_attempt_at - self.clock()).total_seconds()
+            self._publish(task, [(view.id, view.target)], countdown=max(0.0, wait))
 
     def _dispatch_claimed(self, intent: IntentView, target: TargetConfig) -> None:
         if intent.action is not Action.create:  # a group follow-up: reopen / reply / close its ticket
@@ -680,7 +687,7 @@ class Dispatcher:
         claimed = self.store.claim_due(intent_id, statuses=[Status.polling], to=Status.polling, now=now,
                                        lease_s=self.config.scheduler.lease_s, worker=self.worker)
         if claimed is None:
-            self._requeue_if_early(intent_id, POLL)
+            self._requeue_if_early(intent_id, POLL, now)
             return
         intent, paused = claimed
         self._claimed.at = time.monotonic()

@@ -16,7 +16,7 @@ from sqlalchemy import func, select, update
 
 from dispatcher.domain import IntentView, Status
 from dispatcher.errors import IntentInvalid
-from dispatcher.queue import POLL, EnqueueFailed
+from dispatcher.queue import DISPATCH, POLL, EnqueueFailed
 from dispatcher.runtime import Runtime
 from dispatcher.simulator import RunningSimulator
 from dispatcher.store.tables import AttemptRow, IntentRow
@@ -522,6 +522,51 @@ def test_an_early_message_is_put_back_until_its_time(
     before = len(simulator.requests())
     rt.service.dispatch(other)
     assert len(simulator.requests()) == before
+
+
+class Ticking:
+    """A clock that reads ``start``, then ``step`` later at every reading after that."""
+
+    def __init__(self, start: datetime, step: timedelta) -> None:
+        self.next, self.step = start, step
+
+    def __call__(self) -> datetime:
+        now, self.next = self.next, self.next + self.step
+        return now
+
+
+def test_a_message_a_few_milliseconds_early_goes_back_due_at_once_though_it_is_due_by_the_time_it_is_judged(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    # a countdown fires a hair before the intent's time: the claim finds it not yet due, and a moment
+    # later it is due; dropped as a replay, it waited for the scheduler's re-publishing (chaos G2)
+    queue = Swallow()
+    rt = make_runtime(make_config(simulator, database_url=database_url), queue=queue)
+    intent_id = submit(rt, target="hostup", topic="vps")
+    start = datetime.now(UTC)
+    rt.store.update_intent(intent_id, status="waiting", next_attempt_at=start + timedelta(milliseconds=5))
+    queue.sent.clear()
+    rt.service.clock = Ticking(start, timedelta(milliseconds=20))
+
+    rt.service.dispatch(intent_id)
+
+    assert queue.sent == [(DISPATCH, intent_id, 0.0)]
+    assert rt.service.get(intent_id).status is Status.waiting   # nothing sent, nothing claimed
+    assert simulator.requests("hostup") == []
+
+
+def test_a_message_for_an_intent_that_is_due_but_held_by_another_worker_is_a_replay_and_goes_nowhere(
+        database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
+    queue = Swallow()
+    rt = make_runtime(make_config(simulator, database_url=database_url), queue=queue)
+    intent_id = submit(rt, target="hostup", topic="vps")
+    now = datetime.now(UTC)
+    rt.store.update_intent(intent_id, status="waiting", next_attempt_at=now - timedelta(seconds=1),
+                           lease_until=now + timedelta(seconds=60), leased_by="another")
+    queue.sent.clear()
+
+    rt.service.dispatch(intent_id)
+
+    assert queue.sent == []
 
 
 class _WorkerFirst:
