@@ -535,16 +535,25 @@ class Ticking:
         return now
 
 
+def waiting_intent(make_runtime: Any, simulator: RunningSimulator, database_url: str,
+                   **values: Any) -> tuple[Runtime, Swallow, uuid.UUID]:
+    """A HostUp intent set waiting with ``values``, in a runtime whose queue keeps what it is given
+    (emptied of the intake's message)."""
+    queue = Swallow()
+    rt = make_runtime(make_config(simulator, database_url=database_url), queue=queue)
+    intent_id = submit(rt, target="hostup", topic="vps")
+    rt.store.update_intent(intent_id, status="waiting", **values)
+    queue.sent.clear()
+    return rt, queue, intent_id
+
+
 def test_a_message_a_few_milliseconds_early_goes_back_due_at_once_though_it_is_due_by_the_time_it_is_judged(
         database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
     # a countdown fires a hair before the intent's time: the claim finds it not yet due, and a moment
     # later it is due; dropped as a replay, it waited for the scheduler's re-publishing (chaos G2)
-    queue = Swallow()
-    rt = make_runtime(make_config(simulator, database_url=database_url), queue=queue)
-    intent_id = submit(rt, target="hostup", topic="vps")
     start = datetime.now(UTC)
-    rt.store.update_intent(intent_id, status="waiting", next_attempt_at=start + timedelta(milliseconds=5))
-    queue.sent.clear()
+    rt, queue, intent_id = waiting_intent(make_runtime, simulator, database_url,
+                                          next_attempt_at=start + timedelta(milliseconds=5))
     rt.service.clock = Ticking(start, timedelta(milliseconds=20))
 
     rt.service.dispatch(intent_id)
@@ -556,13 +565,10 @@ def test_a_message_a_few_milliseconds_early_goes_back_due_at_once_though_it_is_d
 
 def test_a_message_for_an_intent_that_is_due_but_held_by_another_worker_is_a_replay_and_goes_nowhere(
         database_url: str, simulator: RunningSimulator, make_runtime: Any) -> None:
-    queue = Swallow()
-    rt = make_runtime(make_config(simulator, database_url=database_url), queue=queue)
-    intent_id = submit(rt, target="hostup", topic="vps")
     now = datetime.now(UTC)
-    rt.store.update_intent(intent_id, status="waiting", next_attempt_at=now - timedelta(seconds=1),
-                           lease_until=now + timedelta(seconds=60), leased_by="another")
-    queue.sent.clear()
+    rt, queue, intent_id = waiting_intent(make_runtime, simulator, database_url,
+                                          next_attempt_at=now - timedelta(seconds=1),
+                                          lease_until=now + timedelta(seconds=60), leased_by="another")
 
     rt.service.dispatch(intent_id)
 
