@@ -45,7 +45,7 @@ from gevent import monkey  # noqa: E402
 from httpcore import _utils  # noqa: E402
 from redis._parsers import hiredis  # noqa: E402
 
-from dispatcher.store.driver import _semaphore  # noqa: E402
+from dispatcher.store.driver import bounded_semaphore  # noqa: E402
 
 
 def per_call_us(calls: int, check: Callable[[], object]) -> float:
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "psycopg SELECT 1, its waits": ("psycopg's wait_poll", with_wait(psycopg.waiting.wait_poll),
                                         "one io watcher", with_wait(ours_wait)),
         "driver semaphore acquire+release": ("threading's", acquire_release(threading.BoundedSemaphore(8)),
-                                             "gevent's", acquire_release(_semaphore(8))),
+                                             "gevent's", acquire_release(bounded_semaphore(8))),
     }
     print(f"in a gevent-patched process; {args.calls} calls x {args.rounds} rounds, medians (us of CPU per call)")
     for name, (base_name, baseline, mine_name, mine) in variants.items():

@@ -63,7 +63,7 @@ def make_celery(config: AppConfig) -> Celery:
         # no result backend: Celery's stand-in (DisabledBackend) keeps no state, so one instance
         # serves every task. Otherwise Celery keeps one per thread, and a gevent worker's
         # threading.local is per greenlet: each task built its own as its tracer marked it done
-        # (reading the configuration anew), 3.5 % of that worker's CPU (bench/e2e.py --profile)
+        # (reading the configuration anew), seen in the raw stacks of bench/e2e.py --profile
         result_backend_thread_safe=True,
         task_serializer="json",
         accept_content=["json"],
